@@ -1,0 +1,75 @@
+"""Where keys come from: the emulated QKD link, and the sweeper of undelivered keys.
+
+The link produces secret bits at `link.rate_bps` from the operating system's CSPRNG and
+banks them as blocks of the link's block size, up to the pool's capacity. Bits produced
+while the pool is full are lost, as on a real link whose KME has no room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from kme.config import Settings
+from kme.db import Database
+from kme.keys import pool
+from kme.keys.models import Link
+
+log = logging.getLogger("kme.supply")
+
+SWEEP_SECONDS = 30.0
+
+
+async def add_keys(database: Database, settings: Settings, link_id: int, count: int) -> int:
+    """Bank `count` keys of `key_size` bits now (`kme pool fill`); return how many fit."""
+    async with database.session() as session:
+        link = await session.get(Link, link_id)
+        if link is None:
+            raise LookupError(f"no link {link_id}")
+        per_key = pool.blocks_per_key(settings.keys.key_size, link.block_bits)
+        capacity = pool.capacity_blocks(
+            settings.keys.max_key_count, settings.keys.key_size, link.block_bits
+        )
+        added = await pool.fill(session, link_id, count * per_key, capacity)
+        await session.commit()
+    return added // per_key
+
+
+async def run_link(database: Database, settings: Settings, link_id: int, block_bits: int) -> None:
+    """Run the emulated link until cancelled."""
+    rate = settings.link.rate_bps
+    if rate <= 0:
+        return
+    capacity = pool.capacity_blocks(settings.keys.max_key_count, settings.keys.key_size, block_bits)
+    banked_bits = 0.0
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(settings.link.tick_seconds)
+        now = time.monotonic()
+        banked_bits += rate * (now - last)
+        last = now
+        blocks = int(banked_bits // block_bits)
+        if not blocks:
+            continue
+        banked_bits -= blocks * block_bits
+        try:
+            async with database.session() as session:
+                await pool.fill(session, link_id, blocks, capacity)
+                await session.commit()
+        except Exception:
+            log.exception("emulated link %s could not bank keys; retrying next tick", link_id)
+
+
+async def run_sweeper(database: Database) -> None:
+    """Destroy expired undelivered keys until cancelled."""
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        try:
+            async with database.session() as session:
+                purged = await pool.purge_expired(session)
+                await session.commit()
+            if purged:
+                log.info("destroyed %d keys whose slaves did not fetch them in time", purged)
+        except Exception:
+            log.exception("sweeping expired keys failed; retrying")

@@ -1,0 +1,84 @@
+"""uvicorn wiring: the mutual-TLS context, and how the peer certificate reaches a request.
+
+The handshake itself enforces checklist items 1 and 2: TLS 1.2 or newer, and a client
+certificate that chains to the configured CA (CERT_REQUIRED). Each HTTP connection then
+hands its verified peer certificate to every request it carries through the ASGI TLS
+extension, so identity is decided per request (item 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from kme.config import ServerSettings
+
+log = logging.getLogger("kme.server")
+
+TLS_1_2 = 0x0303
+
+
+def tls_context(server: ServerSettings) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(server.certfile, server.keyfile)
+    context.load_verify_locations(cafile=server.ca_file)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class MutualTLSProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus the ASGI TLS extension for the connection's requests."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if ssl_object is None or not der:
+            return
+        cipher = ssl_object.cipher()
+        tls: dict[str, Any] = {
+            "server_cert": None,
+            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)],
+            "client_cert_name": None,
+            "client_cert_error": None,
+            "tls_version": _VERSIONS.get(ssl_object.version() or ""),
+            "cipher_suite": None,
+            "cipher_name": cipher[0] if cipher else None,
+        }
+        inner = self.app
+
+        async def with_tls(scope: Any, receive: Any, send: Any) -> None:
+            scope["extensions"] = {**scope.get("extensions", {}), "tls": tls}
+            await inner(scope, receive, send)
+
+        self.app = with_tls
+
+
+_VERSIONS = {"TLSv1.2": TLS_1_2, "TLSv1.3": 0x0304}
+
+
+def build_server(app: FastAPI, server: ServerSettings, *, host: str, port: int) -> uvicorn.Server:
+    context = tls_context(server)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=MutualTLSProtocol,
+        ws="none",
+        lifespan="on",
+        # The trusted-proxy decision needs the real peer address: never rewrite it.
+        proxy_headers=False,
+        server_header=False,
+        access_log=server.access_log,
+        log_config=None,
+        ssl_context_factory=lambda _config, _default: context,
+    )
+    return uvicorn.Server(config)
