@@ -21,7 +21,7 @@ from pydantic_settings import (
 
 from kme.errors import ConfigError
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[int, Field(ge=0, le=65535)]  # 0: any free port (tests)
 
 
 class _Section(BaseModel):
