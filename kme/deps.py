@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kme.config import Settings
@@ -35,7 +34,7 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
             raise
         try:
             await session.commit()
-        except SQLAlchemyError as exc:
+        except Exception as exc:  # whatever broke the commit, nothing was delivered
             log.error("commit failed, nothing was delivered: %s", type(exc).__name__)
             await session.rollback()
             raise ServiceUnavailable(KEY_DATA_ACCESS_ERROR) from None

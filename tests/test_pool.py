@@ -1,0 +1,197 @@
+"""Key-pool integrity under concurrency and failure (checklist items 49, 52, 53; issue item 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event
+
+from tests.conftest import KMEFactory
+from tests.kmetest import RunningKME
+
+ENC = "/api/v1/keys/{}/enc_keys"
+DEC = "/api/v1/keys/{}/dec_keys"
+STATUS = "/api/v1/keys/{}/status"
+
+MASTERS = 32
+REQUESTS_PER_MASTER = 64
+
+
+@contextmanager
+def failing_commits(kme: RunningKME) -> Iterator[list[int]]:
+    """Make every COMMIT on the app's engine fail, as a database that dies at commit would."""
+    failures: list[int] = []
+
+    def refuse(_connection: Any) -> None:
+        failures.append(1)
+        raise RuntimeError("injected commit failure")
+
+    engine = kme.database.engine.sync_engine
+    event.listen(engine, "commit", refuse)
+    try:
+        yield failures
+    finally:
+        event.remove(engine, "commit", refuse)
+
+
+async def test_concurrent_masters_never_share_a_key(kme: RunningKME) -> None:
+    """Item 53, issue item 3: 32 masters, 2048 concurrent enc_keys calls: no key_ID or key twice,
+    and the pool's counter, rows and deliveries add up exactly."""
+    await kme.fill(3000)  # 4000 blocks in all
+    masters = []
+    for i in range(MASTERS):
+        sae_id = f"MASTER_{i:02d}"
+        masters.append(kme.pki.issue(sae_id, sae_id))
+        await kme.register(sae_id)
+    before = await kme.stored_blocks()
+
+    async def master_run(sae: Any, index: int) -> list[dict[str, Any]]:
+        client = kme.client(sae)
+        got: list[dict[str, Any]] = []
+        for n in range(REQUESTS_PER_MASTER):
+            # Mix the GET and POST forms and 1 or 2 keys per call.
+            if (index + n) % 2:
+                response = await client.post(ENC.format("SAE_B"), json={"number": 2})
+            else:
+                response = await client.get(ENC.format("SAE_B"))
+            assert response.status_code == 200, response.text
+            got.extend(response.json()["keys"])
+        return got
+
+    results = await asyncio.gather(*(master_run(sae, i) for i, sae in enumerate(masters)))
+    keys = [key for batch in results for key in batch]
+    expected = sum(
+        2 if (i + n) % 2 else 1 for i in range(MASTERS) for n in range(REQUESTS_PER_MASTER)
+    )
+    assert len(keys) == expected
+    assert len({key["key_ID"] for key in keys}) == expected
+    assert len({key["key"] for key in keys}) == expected
+    assert await kme.stored_blocks() == before - expected
+    assert await kme.pool_rows() == before - expected
+    assert await kme.delivered_rows() == expected
+    status = (await kme.client("SAE_A").get(STATUS.format("SAE_B"))).json()
+    assert status["stored_key_count"] == before - expected
+
+
+async def test_concurrent_dec_keys_for_one_key_yield_exactly_one_200(kme: RunningKME) -> None:
+    """Item 53: two (here: four) simultaneous dec_keys for the same key by the same slave give
+    exactly one 200 and the rest 'not found'."""
+    got = (await kme.client("SAE_A").post(ENC.format("SAE_B"), json={"number": 50})).json()
+    slaves = [kme.client("SAE_B") for _ in range(4)]
+
+    async def fetch(client: Any, key_id: str) -> int:
+        response = await client.get(DEC.format("SAE_A"), params={"key_ID": key_id})
+        return int(response.status_code)
+
+    codes = await asyncio.gather(
+        *(fetch(client, key["key_ID"]) for key in got["keys"] for client in slaves)
+    )
+    per_key = [collections.Counter(codes[i * 4 : (i + 1) * 4]) for i in range(50)]
+    assert all(counts == {200: 1, 400: 3} for counts in per_key), per_key
+    assert await kme.delivered_rows() == 0
+
+
+async def test_failed_commit_on_enc_keys_delivers_nothing(kme: RunningKME) -> None:
+    """Issue item 3: if the delivery cannot be committed, the caller gets 503 and no key,
+    and the pool is exactly as before."""
+    before = await kme.stored_blocks()
+    client = kme.client("SAE_A")
+    with failing_commits(kme) as failures:
+        response = await client.post(ENC.format("SAE_B"), json={"number": 3})
+    assert failures
+    assert response.status_code == 503
+    assert set(response.json()) <= {"message", "details"}
+    assert "keys" not in response.text
+    assert await kme.stored_blocks() == before
+    assert await kme.pool_rows() == before
+    assert await kme.delivered_rows() == 0
+    # The same connection works again once the database does.
+    assert (await client.post(ENC.format("SAE_B"), json={"number": 3})).status_code == 200
+
+
+async def test_failed_commit_on_dec_keys_loses_no_key(kme: RunningKME) -> None:
+    """Issue item 3: a slave whose delivery cannot be committed gets 503 and can fetch later."""
+    got = (await kme.client("SAE_A").get(ENC.format("SAE_B"))).json()
+    key = got["keys"][0]
+    slave = kme.client("SAE_B")
+    with failing_commits(kme):
+        response = await slave.get(DEC.format("SAE_A"), params={"key_ID": key["key_ID"]})
+    assert response.status_code == 503
+    assert key["key"] not in response.text
+    assert await kme.delivered_rows() == 1
+    again = await slave.get(DEC.format("SAE_A"), params={"key_ID": key["key_ID"]})
+    assert again.json() == got
+
+
+async def test_status_cost_does_not_depend_on_the_pool(kme: RunningKME) -> None:
+    """Issue item 3: stored_key_count is read from the link's counter, never by scanning the
+    pool: no statement a status request runs touches pool_block."""
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    engine = kme.database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        response = await kme.client("SAE_A").get(STATUS.format("SAE_B"))
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert response.status_code == 200
+    assert statements
+    assert not [s for s in statements if "pool_block" in s or "count(" in s.lower()]
+
+
+async def test_undelivered_keys_expire_after_their_ttl(make_kme: KMEFactory) -> None:
+    """Item 49: a delivery whose slave does not come within the TTL is destroyed."""
+    from kme.keys import pool
+
+    async with make_kme(keys={"undelivered_key_ttl": 0.3}) as kme:
+        got = (await kme.client("SAE_A").get(ENC.format("SAE_B"))).json()
+        await asyncio.sleep(0.5)
+        late = await kme.client("SAE_B").get(
+            DEC.format("SAE_A"), params={"key_ID": got["keys"][0]["key_ID"]}
+        )
+        assert late.status_code == 400
+        assert late.json()["message"] == "one or more keys specified are not found on KME"
+        async with kme.database.session() as session:
+            assert await pool.purge_expired(session) == 1
+            await session.commit()
+        assert await kme.delivered_rows() == 0
+        assert await kme.recipient_rows() == 0
+
+
+async def wait_for_blocks(kme: RunningKME, count: int, seconds: float = 10.0) -> None:
+    """Poll (bounded) until the pool holds at least `count` blocks."""
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / 0.05) + 1):
+        if await kme.stored_blocks() >= count or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_emulated_link_fills_up_to_capacity(make_kme: KMEFactory) -> None:
+    """Issue item 5: the emulated link banks keys at its rate and stops at max_key_count."""
+    async with make_kme(
+        fill=0,
+        keys={"max_key_count": 40},
+        link={"rate_bps": 256 * 400, "tick_seconds": 0.02},
+    ) as kme:
+        await wait_for_blocks(kme, 40)
+        await asyncio.sleep(0.2)  # keep running: it must not pass capacity
+        assert await kme.stored_blocks() == 40
+        assert await kme.pool_rows() == 40
+        status = (await kme.client("SAE_A").get(STATUS.format("SAE_B"))).json()
+        assert status["stored_key_count"] == status["max_key_count"] == 40
+        # Spent keys are replaced.
+        got = await kme.client("SAE_A").post(ENC.format("SAE_B"), json={"number": 10})
+        assert got.status_code == 200
+        assert all(len(base64.b64decode(k["key"])) == 32 for k in got.json()["keys"])
+        await wait_for_blocks(kme, 40)
+        assert await kme.stored_blocks() == 40
