@@ -60,6 +60,7 @@ def normalise_url(url: str) -> str:
 
 
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
+    """An async engine; `pool_size` applies to PostgreSQL (SQLite uses one connection)."""
     url = normalise_url(url)
     if not is_sqlite(url):
         return create_async_engine(
@@ -69,7 +70,9 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     engine = create_async_engine(
         url,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "isolation_level": None},
-        pool_size=pool_size,
+        # One connection: SQLite lets one writer in at a time anyway, and queueing for the
+        # connection in asyncio is cheaper than SQLite's sleeping busy handler.
+        pool_size=1,
         max_overflow=0,
     )
 
