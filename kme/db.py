@@ -60,15 +60,24 @@ def normalise_url(url: str) -> str:
 
 
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
-    """An async engine; `pool_size` applies to PostgreSQL (SQLite uses one connection)."""
+    """An async engine; `pool_size` applies to PostgreSQL (SQLite uses one connection).
+
+    hide_parameters: SQLAlchemy puts a failed statement's parameters into the exception
+    text, and those parameters can be key material (checklist item 54).
+    """
     url = normalise_url(url)
     if not is_sqlite(url):
         return create_async_engine(
-            url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            url,
+            hide_parameters=True,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
         )
 
     engine = create_async_engine(
         url,
+        hide_parameters=True,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "isolation_level": None},
         # One connection: SQLite lets one writer in at a time anyway, and queueing for the
         # connection in asyncio is cheaper than SQLite's sleeping busy handler.

@@ -310,3 +310,27 @@ async def test_key_material_never_reaches_the_logs(
         material = decoded(key)
         for spelling in (key["key"], material.hex(), repr(material)[2:-1]):
             assert spelling not in caplog.text
+
+
+async def test_status_reports_configured_limits(make_kme: KMEFactory) -> None:
+    """Items 24, 25, 27: the spec's example limits (a key_size that is no power of two,
+    multicast off) are served as configured, and stored_key_count counts keys of key_size."""
+    limits = {
+        "key_size": 352,
+        "max_key_count": 100_000,
+        "max_key_per_request": 128,
+        "max_key_size": 1024,
+        "min_key_size": 64,
+        "max_sae_id_count": 0,
+    }
+    async with make_kme(keys=limits, fill=25) as kme:
+        status = (await kme.client("SAE_A").get(STATUS.format("SAE_B"))).json()
+        assert status["key_size"] == 352
+        assert status["stored_key_count"] == 25
+        assert status["max_key_count"] == 100_000
+        assert status["max_key_per_request"] == 128
+        assert status["max_key_size"] == 1024
+        assert status["min_key_size"] == 64
+        assert status["max_SAE_ID_count"] == 0
+        got = await kme.client("SAE_A").get(ENC.format("SAE_B"))
+        assert len(decoded(got.json()["keys"][0])) == 44

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import logging
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event
+import pytest
+from sqlalchemy import event, select
 
+from kme.keys.models import PoolBlock
 from tests.conftest import KMEFactory
 from tests.kmetest import RunningKME
 
@@ -127,6 +131,63 @@ async def test_failed_commit_on_dec_keys_loses_no_key(kme: RunningKME) -> None:
     assert await kme.delivered_rows() == 1
     again = await slave.get(DEC.format("SAE_A"), params={"key_ID": key["key_ID"]})
     assert again.json() == got
+
+
+async def test_database_failure_mid_request_is_503_and_changes_nothing(kme: RunningKME) -> None:
+    """Items 17, 18: a database error half-way through enc_keys is a 503 in the Error
+    format (never a 500), and the transaction leaves the pool as it was."""
+    before = await kme.stored_blocks()
+
+    def break_inserts(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO DELIVERED_KEY"):
+            raise RuntimeError("injected database failure")
+
+    engine = kme.database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", break_inserts)
+    try:
+        response = await kme.client("SAE_A").post(ENC.format("SAE_B"), json={"number": 2})
+    finally:
+        event.remove(engine, "before_cursor_execute", break_inserts)
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/json"
+    assert isinstance(response.json()["message"], str)
+    assert await kme.stored_blocks() == before
+    assert await kme.pool_rows() == before
+    assert await kme.delivered_rows() == 0
+
+
+async def test_database_errors_keep_key_material_out_of_logs(
+    kme: RunningKME, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 54: a real database error on the statement that stores key material (a key_ID
+    collision forced by fixing uuid4) is a 503, changes nothing, and no log record holds
+    the material of the blocks the failed request had taken."""
+    from kme.keys import pool
+
+    fixed = uuid.UUID("00000000-0000-4000-8000-000000000001")
+    monkeypatch.setattr(pool.uuid, "uuid4", lambda: fixed)
+    first = await kme.client("SAE_A").get(ENC.format("SAE_B"))
+    assert first.status_code == 200
+    async with kme.database.session() as session:
+        next_block = (
+            await session.execute(select(PoolBlock.material).order_by(PoolBlock.id).limit(1))
+        ).scalar_one()
+    before = await kme.stored_blocks()
+    caplog.set_level(logging.DEBUG)
+
+    second = await kme.client("SAE_A").get(ENC.format("SAE_B"))
+
+    assert second.status_code == 503
+    assert await kme.stored_blocks() == before
+    assert await kme.delivered_rows() == 1
+    assert "IntegrityError" in caplog.text or "UniqueViolation" in caplog.text
+    for spelling in (
+        repr(next_block)[2:-1],
+        next_block.hex(),
+        base64.b64encode(next_block).decode(),
+    ):
+        assert spelling not in caplog.text
+        assert spelling not in second.text
 
 
 async def test_status_cost_does_not_depend_on_the_pool(kme: RunningKME) -> None:
