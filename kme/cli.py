@@ -68,10 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(args)
     _setup_logging(settings.log_level)
     host = args.host or settings.server.host
-    port = args.port or settings.server.port
-    asyncio.run(lab.prepare_database(settings))
+    port = settings.server.port if args.port is None else args.port
+    try:
+        server = build_server(create_app(settings), settings.server, host=host, port=port)
+        asyncio.run(lab.prepare_database(settings))
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     _print_quickstart(settings, args.config, host, port)
-    server = build_server(create_app(settings), settings.server, host=host, port=port)
     server.run()
 
 
@@ -428,9 +431,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"kme: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except SQLAlchemyError as exc:
+        where = f"{args.config}: " if getattr(args, "config", None) else ""
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(
-            f"kme: error: the database could not be used: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0]}",
+            f"kme: error: {where}field 'database_url': the database could not be used ({reason})",
             file=sys.stderr,
         )
         raise SystemExit(2) from None

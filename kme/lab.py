@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from kme import pki, saes
 from kme.config import Settings, load_settings
 from kme.db import Database, migrate, sqlite_path
+from kme.errors import ConfigError
 from kme.keys import pool, supply
 
 DEFAULT_SAES = ("SAE_A", "SAE_B")
@@ -100,7 +103,13 @@ def _private_sqlite_file(url: str) -> None:
 async def prepare_database(settings: Settings) -> int:
     """Migrate and make sure the KME's own link exists; return the link's id."""
     _private_sqlite_file(settings.database_url)
-    await asyncio.to_thread(migrate, settings.database_url)
+    try:
+        await asyncio.to_thread(migrate, settings.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"field 'database_url': cannot open or migrate the database ({reason})"
+        ) from None
     database = Database(settings.database_url, pool_size=1)
     try:
         async with database.session() as session:

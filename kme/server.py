@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kme.config import ServerSettings
+from kme.errors import ConfigError
 
 log = logging.getLogger("kme.server")
 
@@ -25,12 +26,27 @@ TLS_1_2 = 0x0303
 
 
 def tls_context(server: ServerSettings) -> ssl.SSLContext:
+    """The server's TLS context, or ConfigError naming the field whose file is unusable."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_cert_chain(server.certfile, server.keyfile)
-    context.load_verify_locations(cafile=server.ca_file)
     context.set_alpn_protocols(["http/1.1"])
+    for field, path in (("certfile", server.certfile), ("keyfile", server.keyfile)):
+        if not path.is_file():
+            raise ConfigError(f"field 'server.{field}': no such file {path}")
+    try:
+        context.load_cert_chain(server.certfile, server.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"fields 'server.certfile'/'server.keyfile': {server.certfile} and "
+            f"{server.keyfile} are not a matching PEM certificate and key ({exc})"
+        ) from None
+    try:
+        context.load_verify_locations(cafile=server.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"field 'server.ca_file': cannot load CA certificates from {server.ca_file} ({exc})"
+        ) from None
     return context
 
 
