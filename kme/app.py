@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
@@ -12,8 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kme import __version__
 from kme.config import Settings
@@ -61,6 +62,11 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
         version=__version__,
         summary="ETSI GS QKD 014 V1.1.1 key delivery API",
         lifespan=lifespan,
+        # Exactly the spec's paths (item 10): no /docs pages, no slash redirects (a 307
+        # with no body is not the Error format of item 12). /openapi.json stays.
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.key_service = KeyService(settings)
@@ -70,6 +76,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
     _install_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(RawPathRouting)
+    app.add_middleware(UnexpectedErrors)
     return app
 
 
@@ -98,14 +105,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         fields = [".".join(str(p) for p in e["loc"]) for e in exc.errors()]
         return _error(KMEError("bad request format", [{"fields": fields}], status=400))
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected %s while serving a request", type(exc).__name__)
-        return _error(KMEError("internal error on the KME", status=503))
-
     app.add_exception_handler(KMEError, kme_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected)
 
 
 NOT_FOUND_MESSAGE = (
@@ -114,13 +116,53 @@ NOT_FOUND_MESSAGE = (
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route takes at this path (Starlette reports only the first route's)."""
+    """Every method some route takes at this path (Starlette reports only the first route's).
+
+    The API's routes are read from their own router: FastAPI wraps included routers in an
+    object that does not list them.
+    """
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
+    for route in (*request.app.router.routes, *keys_router.routes):
+        if isinstance(route, BaseRoute) and getattr(route, "methods", None):
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods.update(route.methods)  # type: ignore[attr-defined]
     return sorted(methods)
+
+
+class UnexpectedErrors:
+    """Any exception no handler took becomes a 503 in the Error format (item 18).
+
+    Inside Starlette's ServerErrorMiddleware, which would answer 500, re-raise, and have
+    uvicorn drop the keep-alive connection. Only the exception's type and where it was
+    raised are logged: its text could quote request data.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+            where = f" at {frame.filename}:{frame.lineno}" if frame else ""
+            log.error("unexpected %s%s while serving a request", type(exc).__name__, where)
+            if started:
+                raise
+            response = _error(KMEError("internal error on the KME", status=503))
+            await response(scope, receive, send)
 
 
 class RawPathRouting:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -53,10 +54,8 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn  # noqa: F401  (fail early with a clear import error)
-
     from kme.app import create_app
-    from kme.server import build_server
+    from kme.server import build_server, listen
 
     if args.config is None:
         args.config = _default_config()
@@ -72,10 +71,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         server = build_server(create_app(settings), settings.server, host=host, port=port)
         asyncio.run(lab.prepare_database(settings))
+        sock = listen(host, port)
     except ConfigError as exc:
         raise ConfigError(f"{args.config}: {exc}") from None
-    _print_quickstart(settings, args.config, host, port)
-    server.run()
+    _print_quickstart(settings, args.config, host, sock.getsockname()[1])
+    server.run(sockets=[sock])
 
 
 def _print_quickstart(settings: Settings, config: Path, host: str, port: int) -> None:
@@ -119,7 +119,9 @@ def _print_quickstart(settings: Settings, config: Path, host: str, port: int) ->
         ]
         return " ".join(shlex.quote(part) for part in parts)
 
-    quoted = lab.sae_file_stem
+    def quoted(sae_id: str) -> str:
+        return quote(sae_id, safe="")
+
     print("\nTry it (the master SAE asks; the slave SAE takes the same key with its key_ID):")
     print(f"  # status, as {master.sae_id} for {slave.sae_id}")
     print("  " + curl(master, f"{base}/{quoted(slave.sae_id)}/status"))

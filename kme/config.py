@@ -8,6 +8,7 @@ relative to the file's folder, so a lab directory can be moved as a whole.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -70,12 +71,15 @@ class KeySettings(_Section):
     # Seconds an enc_keys delivery waits for its slaves before its material is destroyed.
     undelivered_key_ttl: float = Field(default=86_400.0, gt=0)
 
+    @field_validator("key_size", "min_key_size", "max_key_size")
+    @classmethod
+    def _whole_bytes(cls, value: int) -> int:
+        if value <= 0 or value % 8:
+            raise ValueError(f"must be a positive multiple of 8 bits, not {value}")
+        return value
+
     @model_validator(mode="after")
     def _invariants(self) -> KeySettings:
-        for name in ("key_size", "min_key_size", "max_key_size"):
-            value = getattr(self, name)
-            if value <= 0 or value % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8 bits, not {value}")
         if not self.min_key_size <= self.key_size <= self.max_key_size:
             raise ValueError("min_key_size <= key_size <= max_key_size must hold")
         return self
@@ -164,9 +168,24 @@ def load_settings(path: Path) -> Settings:
 
 
 def describe_validation_error(path: Path, exc: ValidationError) -> str:
+    """One sentence: where the bad value came from (the file, or the environment variable
+    that overrides it), the field, and what is wrong."""
     first: dict[str, Any] = dict(exc.errors()[0])
-    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    parts = [str(part) for part in first["loc"]]
+    field = ".".join(parts) or "(top level)"
     message = str(first["msg"]).removeprefix("Value error, ")
     more = len(exc.errors()) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{path}: field '{field}': {message}{tail}"
+    variable = _environment_variable(parts)
+    source = f"environment variable {variable} (overriding {path})" if variable else str(path)
+    return f"{source}: field '{field}': {message}{tail}"
+
+
+def _environment_variable(parts: list[str]) -> str | None:
+    """The KME_ variable that set this field (or its section), if one is set."""
+    set_names = {name.upper(): name for name in os.environ}
+    for depth in range(len(parts), 0, -1):
+        candidate = "KME_" + "__".join(parts[:depth]).upper()
+        if candidate in set_names:
+            return set_names[candidate]
+    return None

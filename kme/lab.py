@@ -16,7 +16,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -38,8 +37,9 @@ class LabSAE:
 
 
 def sae_file_stem(sae_id: str) -> str:
-    """A file name for an SAE ID: the ID itself when safe, else percent-encoded."""
-    return quote(sae_id, safe="")
+    """The SAE ID as a file name: itself, with only '%', '/' and a leading '.' encoded."""
+    stem = sae_id.replace("%", "%25").replace("/", "%2F").replace("\0", "%00")
+    return "%2E" + stem[1:] if stem.startswith(".") else stem
 
 
 def sae_paths(certs: Path, sae_id: str) -> LabSAE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Sequence
 from typing import Literal
 
@@ -32,11 +33,17 @@ class SAE(Base):
 
 
 def validate_sae_id(sae_id: str) -> str:
-    """Any non-blank string is an SAE ID (checklist item 7)."""
+    """Any non-blank printable string of up to 255 characters is an SAE ID (item 7).
+
+    Control characters are refused: PostgreSQL cannot store NUL, and none of them belongs
+    in an ID that also names files and appears in logs.
+    """
     if not sae_id.strip():
         raise ValueError("an SAE ID must not be blank")
     if len(sae_id) > 255:
         raise ValueError("an SAE ID is at most 255 characters")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in sae_id):
+        raise ValueError("an SAE ID must not contain control characters")
     return sae_id
 
 

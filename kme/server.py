@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from typing import Any
 
@@ -79,6 +80,25 @@ class MutualTLSProtocol(H11Protocol):
 
 
 _VERSIONS = {"TLSv1.2": TLS_1_2, "TLSv1.3": 0x0304}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket up front, so a busy port is one clear sentence."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        raise ConfigError(
+            f"fields 'server.host'/'server.port': cannot listen on {host}:{port} "
+            f"({exc.strerror or exc})"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def build_server(app: FastAPI, server: ServerSettings, *, host: str, port: int) -> uvicorn.Server:

@@ -15,7 +15,7 @@ from tests.kmetest import (
     PG_ENV,
     DatabaseTemplates,
     RunningKME,
-    TestPKI,
+    RunPKI,
     make_settings,
     make_test_pki,
     running_kme,
@@ -23,7 +23,7 @@ from tests.kmetest import (
 
 
 @pytest.fixture(scope="session")
-def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> RunPKI:
     return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
@@ -55,7 +55,7 @@ async def database_url(
 
 
 @pytest.fixture
-async def kme(database_url: str, test_pki: TestPKI) -> AsyncIterator[RunningKME]:
+async def kme(database_url: str, test_pki: RunPKI) -> AsyncIterator[RunningKME]:
     """A KME with default settings, SAEs SAE_A, SAE_B, SAE_C and 'SAE D/x', 1000 keys."""
     async with running_kme(make_settings(test_pki, database_url), test_pki) as running:
         yield running
@@ -65,7 +65,7 @@ KMEFactory = Callable[..., AbstractAsyncContextManager[RunningKME]]
 
 
 @pytest.fixture
-def make_kme(database_url: str, test_pki: TestPKI) -> KMEFactory:
+def make_kme(database_url: str, test_pki: RunPKI) -> KMEFactory:
     """Start a KME with custom settings: ``async with make_kme(keys={...}, fill=10) as kme``."""
 
     def factory(

@@ -36,7 +36,7 @@ SAE_IDS = ("SAE_A", "SAE_B", "SAE_C", "SAE D/x")
 
 
 @dataclass
-class TestPKI:
+class RunPKI:
     root: Path
     ca: pki.Issued
     ca_file: Path
@@ -54,7 +54,7 @@ class TestPKI:
         return LabSAE(common_name, paths.cert, paths.key)
 
 
-def make_test_pki(root: Path) -> TestPKI:
+def make_test_pki(root: Path) -> RunPKI:
     ca = pki.make_ca("kme test CA")
     pki.write(ca, root / "ca.pem", root / "ca.key")
     server = pki.issue_server(ca, KME_ID, pki.default_server_names())
@@ -70,7 +70,7 @@ def make_test_pki(root: Path) -> TestPKI:
     pki.write(other_ca, root / "other-ca.pem", root / "other-ca.key")
     foreign = sae_paths(root / "foreign", "SAE_A")
     pki.write(pki.issue_client(other_ca, "SAE_A"), foreign.cert, foreign.key)
-    return TestPKI(
+    return RunPKI(
         root,
         ca,
         root / "ca.pem",
@@ -84,7 +84,7 @@ def make_test_pki(root: Path) -> TestPKI:
 
 
 def client_context(
-    test_pki: TestPKI,
+    test_pki: RunPKI,
     sae: LabSAE | None,
     *,
     ca_file: Path | None = None,
@@ -175,7 +175,7 @@ def _with_database(url: str, name: str) -> str:
 
 
 def make_settings(
-    test_pki: TestPKI,
+    test_pki: RunPKI,
     database_url: str,
     *,
     keys: dict[str, Any] | None = None,
@@ -206,7 +206,7 @@ def make_settings(
 class RunningKME:
     settings: Settings
     database: Database
-    pki: TestPKI
+    pki: RunPKI
     port: int
     link_id: int
     clients: list[httpx.AsyncClient] = field(default_factory=list)
@@ -265,7 +265,7 @@ class RunningKME:
 @contextlib.asynccontextmanager
 async def running_kme(
     settings: Settings,
-    test_pki: TestPKI,
+    test_pki: RunPKI,
     *,
     register: Iterable[str] = SAE_IDS,
     fill: int = 1000,

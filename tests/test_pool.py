@@ -143,9 +143,10 @@ async def test_database_failure_mid_request_is_503_and_changes_nothing(kme: Runn
             raise RuntimeError("injected database failure")
 
     engine = kme.database.engine.sync_engine
+    client = kme.client("SAE_A")
     event.listen(engine, "before_cursor_execute", break_inserts)
     try:
-        response = await kme.client("SAE_A").post(ENC.format("SAE_B"), json={"number": 2})
+        response = await client.post(ENC.format("SAE_B"), json={"number": 2})
     finally:
         event.remove(engine, "before_cursor_execute", break_inserts)
     assert response.status_code == 503
@@ -154,6 +155,10 @@ async def test_database_failure_mid_request_is_503_and_changes_nothing(kme: Runn
     assert await kme.stored_blocks() == before
     assert await kme.pool_rows() == before
     assert await kme.delivered_rows() == 0
+    # The keep-alive connection survives the failure.
+    again = await client.post(ENC.format("SAE_B"), json={"number": 2})
+    assert again.status_code == 200
+    assert again.extensions["network_stream"] is response.extensions["network_stream"]
 
 
 async def test_database_errors_keep_key_material_out_of_logs(

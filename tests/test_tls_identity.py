@@ -83,7 +83,7 @@ async def master_of(client: httpx.AsyncClient) -> str:
 
 
 async def negotiated_with_permissive_server(
-    test_pki: kmetest.TestPKI, context: ssl.SSLContext
+    test_pki: kmetest.RunPKI, context: ssl.SSLContext
 ) -> str:
     """The version `context` negotiates with a server that accepts TLS 1.0 and newer.
 
@@ -398,7 +398,7 @@ async def test_server_certificate_carries_the_kme_id(kme: RunningKME) -> None:
 # -- Trusted-proxy mode ------------------------------------------------------------------
 
 
-def make_expired_client(test_pki: kmetest.TestPKI, common_name: str) -> str:
+def make_expired_client(test_pki: kmetest.RunPKI, common_name: str) -> str:
     """PEM of a client certificate from the test CA that expired yesterday."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -415,7 +415,7 @@ def make_expired_client(test_pki: kmetest.TestPKI, common_name: str) -> str:
     return pki.Issued(cert, key).cert_pem().decode()
 
 
-def make_impostor_ca_client(test_pki: kmetest.TestPKI, common_name: str) -> str:
+def make_impostor_ca_client(test_pki: kmetest.RunPKI, common_name: str) -> str:
     """PEM of a client certificate from a CA with the test CA's name but another key."""
     impostor = pki.make_ca("kme test CA")
     assert impostor.certificate.subject == test_pki.ca.certificate.subject

@@ -95,16 +95,47 @@ async def _json_body(request: Request, model: type[Model], *, empty_ok: bool) ->
         if empty_ok:
             return model()
         raise BadRequest("a JSON request body is required")
-    try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadRequest("request body is not valid JSON in UTF-8") from None
-    if not isinstance(document, dict):
-        raise BadRequest("request body must be a JSON object")
+    document = parse_json_object(raw)
     try:
         return model.model_validate(document)
     except ValidationError as exc:
         raise BadRequest(_first_problem(exc), _problems(exc)) from None
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Strict RFC 8259 in UTF-8 (checklist item 6): no other encodings, no NaN or Infinity,
+    no repeated member names, no lone surrogates; anything else is a 400."""
+    try:
+        text = raw.decode("utf-8")
+        document = json.loads(
+            text, parse_constant=_not_json, object_pairs_hook=_no_repeated_members
+        )
+        # A "\ud800" escape parses to a lone surrogate, which no UTF-8 output can carry.
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except _RepeatedMember as exc:
+        raise BadRequest(f"request body repeats the member {str(exc)[:64]!r}") from None
+    except (ValueError, RecursionError):  # decode, syntax, constants, surrogates, depth
+        raise BadRequest("request body is not valid JSON in UTF-8") from None
+    if not isinstance(document, dict):
+        raise BadRequest("request body must be a JSON object")
+    return document
+
+
+class _RepeatedMember(ValueError):
+    pass
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _no_repeated_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in document:
+            raise _RepeatedMember(name)
+        document[name] = value
+    return document
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -270,8 +270,10 @@ def canonical_key_id(value: str) -> str:
 
 
 def _require_id(what: str, value: str) -> None:
-    if not value.strip():
-        raise BadRequest(f"{what} must not be blank")
+    try:
+        saes.validate_sae_id(value)
+    except ValueError as exc:
+        raise BadRequest(f"{what}: {exc}") from None
 
 
 def _extension_pairs(entries: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
