@@ -114,7 +114,8 @@ async def test_default_request_gives_one_key_of_key_size(
 
 @pytest.mark.parametrize("form", ["GET", "POST"])
 async def test_number_and_size_are_honoured(kme: RunningKME, form: str) -> None:
-    """Items 30, 34, 35, 58: `number` keys of `size` bits, UUIDv4 lowercase IDs, padded base64."""
+    """Items 14, 28, 30, 34, 35, 58: a 200 Key container of `number` keys of `size` bits,
+    UUIDv4 lowercase IDs, padded base64, over the GET and the POST form."""
     client = kme.client("SAE_A")
     if form == "GET":
         response = await client.get(ENC.format("SAE_B"), params={"number": 3, "size": 1024})
@@ -164,7 +165,8 @@ async def test_delivered_keys_leave_the_pool(kme: RunningKME) -> None:
 async def test_dec_keys_post_returns_identical_container_in_requested_order(
     kme: RunningKME,
 ) -> None:
-    """Items 43, 44, 50, 59: the slave gets the same keys and IDs, in the order it asked."""
+    """Items 13, 43, 44, 50, 59: the slave, naming the master in the path, gets the same
+    keys and IDs, in the order it asked."""
     got = (await kme.client("SAE_A").post(ENC.format("SAE_B"), json={"number": 4})).json()
     wanted = list(reversed(key_ids(got)))
     back = await kme.client("SAE_B").post(
@@ -334,3 +336,41 @@ async def test_status_reports_configured_limits(make_kme: KMEFactory) -> None:
         assert status["max_SAE_ID_count"] == 0
         got = await kme.client("SAE_A").get(ENC.format("SAE_B"))
         assert len(decoded(got.json()["keys"][0])) == 44
+
+
+async def test_containers_carry_only_what_the_kme_filled_in(kme: RunningKME) -> None:
+    """Items 34, 40: with no extension handled, containers hold `keys` with `key_ID` and
+    `key` only; the optional extension members are omitted rather than null."""
+    got = (await kme.client("SAE_A").post(ENC.format("SAE_B"), json={"number": 2})).json()
+    assert set(got) == {"keys"}
+    assert all(set(key) == {"key_ID", "key"} for key in got["keys"])
+    back = (
+        await kme.client("SAE_B").get(DEC.format("SAE_A"), params={"key_ID": key_ids(got)[0]})
+    ).json()
+    assert set(back) == {"keys"}
+    assert set(back["keys"][0]) == {"key_ID", "key"}
+
+
+async def test_dec_keys_checks_syntax_then_authorisation_then_existence(kme: RunningKME) -> None:
+    """Item 51: a malformed key_ID is 400 even beside a key the caller may not have; a key
+    the caller may not have is 401 even beside an unknown key; nothing is spent."""
+    got = (await kme.client("SAE_A").get(ENC.format("SAE_B"))).json()
+    theirs = key_ids(got)[0]
+    unknown = str(uuid.uuid4())
+    intruder = kme.client("SAE_C")
+
+    syntax = await intruder.post(
+        DEC.format("SAE_A"), json={"key_IDs": [{"key_ID": theirs}, {"key_ID": "non-uuid"}]}
+    )
+    assert syntax.status_code == 400
+    authorisation = await intruder.post(
+        DEC.format("SAE_A"), json={"key_IDs": [{"key_ID": unknown}, {"key_ID": theirs}]}
+    )
+    assert authorisation.status_code == 401
+    existence = await kme.client("SAE_B").post(
+        DEC.format("SAE_A"), json={"key_IDs": [{"key_ID": theirs}, {"key_ID": unknown}]}
+    )
+    assert existence.status_code == 400
+    assert existence.json()["message"] == "one or more keys specified are not found on KME"
+    final = await kme.client("SAE_B").get(DEC.format("SAE_A"), params={"key_ID": theirs})
+    assert final.json() == got
