@@ -311,6 +311,24 @@ def cmd_openapi(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
+# -- ipsec ---------------------------------------------------------------------------------
+
+
+def cmd_ipsec_strongswan(args: argparse.Namespace) -> None:
+    from kme.ipsec.adapter import run
+    from kme.ipsec.config import load_adapter_settings
+
+    settings = load_adapter_settings(args.config)
+    _setup_logging(settings.log_level)
+    logging.getLogger("kme").info(
+        "strongSwan PPK adapter %s (%s) for %s",
+        settings.name,
+        settings.role,
+        ", ".join(c.name for c in settings.connections),
+    )
+    asyncio.run(run(settings))
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -417,6 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = db.add_parser("upgrade", help="migrate the database to the newest schema")
     config_arg(upgrade)
     upgrade.set_defaults(func=cmd_db_upgrade)
+
+    ipsec = commands.add_parser("ipsec", help="IPsec gateways on kme keys").add_subparsers(
+        dest="ipsec_command", required=True, metavar="ACTION"
+    )
+    swan = ipsec.add_parser(
+        "strongswan",
+        help="run the strongSwan PPK adapter for one gateway",
+        description="Fetch keys from this gateway's KME (ETSI 014) and load them into charon "
+        "as RFC 8784 PPKs, rotating them; see docs/ipsec.md.",
+    )
+    swan.add_argument("--config", type=Path, required=True, help="the adapter's TOML file")
+    swan.set_defaults(func=cmd_ipsec_strongswan)
 
     openapi = commands.add_parser("openapi", help="print the OpenAPI document")
     config_arg(openapi, default=False)

@@ -110,7 +110,7 @@ def _leaf(
     ca: Issued,
     common_name: str,
     *,
-    usage: x509.ObjectIdentifier,
+    usage: list[x509.ObjectIdentifier],
     alt_names: list[str],
 ) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
@@ -138,7 +138,7 @@ def _leaf(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
         )
@@ -151,11 +151,18 @@ def _leaf(
 
 
 def issue_server(ca: Issued, kme_id: str, names: list[str]) -> Issued:
-    return _leaf(ca, kme_id, usage=ExtendedKeyUsageOID.SERVER_AUTH, alt_names=names)
+    return _leaf(ca, kme_id, usage=[ExtendedKeyUsageOID.SERVER_AUTH], alt_names=names)
 
 
 def issue_client(ca: Issued, sae_id: str, alt_names: list[str] | None = None) -> Issued:
-    return _leaf(ca, sae_id, usage=ExtendedKeyUsageOID.CLIENT_AUTH, alt_names=alt_names or [])
+    # serverAuth too: a gateway's PPK adapter serves its peer channel with its SAE's
+    # certificate (kme.ipsec.peer pins the peer by CN, so it cannot pose as the KME).
+    return _leaf(
+        ca,
+        sae_id,
+        usage=[ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+        alt_names=alt_names or [],
+    )
 
 
 def write(issued: Issued, cert_path: Path, key_path: Path) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -27,26 +28,39 @@ TLS_1_2 = 0x0303
 
 
 def tls_context(server: ServerSettings) -> ssl.SSLContext:
-    """The server's TLS context, or ConfigError naming the field whose file is unusable."""
+    """The KME's TLS context, or ConfigError naming the field whose file is unusable."""
+    return mutual_tls_server_context(
+        server.certfile,
+        server.keyfile,
+        server.ca_file,
+        fields=("server.certfile", "server.keyfile", "server.ca_file"),
+    )
+
+
+def mutual_tls_server_context(
+    certfile: Path, keyfile: Path, ca_file: Path, *, fields: tuple[str, str, str]
+) -> ssl.SSLContext:
+    """TLS 1.2+, a client certificate required and verified against `ca_file`."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     context.set_alpn_protocols(["http/1.1"])
-    for field, path in (("certfile", server.certfile), ("keyfile", server.keyfile)):
+    cert_field, key_field, ca_field = fields
+    for field, path in ((cert_field, certfile), (key_field, keyfile)):
         if not path.is_file():
-            raise ConfigError(f"field 'server.{field}': no such file {path}")
+            raise ConfigError(f"field '{field}': no such file {path}")
     try:
-        context.load_cert_chain(server.certfile, server.keyfile)
+        context.load_cert_chain(certfile, keyfile)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"fields 'server.certfile'/'server.keyfile': {server.certfile} and "
-            f"{server.keyfile} are not a matching PEM certificate and key ({exc})"
+            f"fields '{cert_field}'/'{key_field}': {certfile} and "
+            f"{keyfile} are not a matching PEM certificate and key ({exc})"
         ) from None
     try:
-        context.load_verify_locations(cafile=server.ca_file)
+        context.load_verify_locations(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"field 'server.ca_file': cannot load CA certificates from {server.ca_file} ({exc})"
+            f"field '{ca_field}': cannot load CA certificates from {ca_file} ({exc})"
         ) from None
     return context
 
@@ -102,7 +116,15 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def build_server(app: FastAPI, server: ServerSettings, *, host: str, port: int) -> uvicorn.Server:
-    context = tls_context(server)
+    return mutual_tls_server(
+        app, tls_context(server), host=host, port=port, access_log=server.access_log
+    )
+
+
+def mutual_tls_server(
+    app: Any, context: ssl.SSLContext, *, host: str, port: int, access_log: bool = False
+) -> uvicorn.Server:
+    """uvicorn serving `app` over `context`, with each request's peer certificate in scope."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -113,7 +135,7 @@ def build_server(app: FastAPI, server: ServerSettings, *, host: str, port: int) 
         # The trusted-proxy decision needs the real peer address: never rewrite it.
         proxy_headers=False,
         server_header=False,
-        access_log=server.access_log,
+        access_log=access_log,
         log_config=None,
         ssl_context_factory=lambda _config, _default: context,
     )

@@ -1,0 +1,340 @@
+"""The strongSwan PPK adapter: KME keys into charon as RFC 8784 PPKs, rotated.
+
+Initiator, per connection: enc_keys at its own KME (as master, for the peer's SAE) ->
+key_ID to the peer adapter, wait for "loaded" -> load the PPK -> load the connection
+with ppk_id = key_ID, ppk_required = yes -> initiate a new IKE SA -> only once it is
+ESTABLISHED with a PPK, close the previous SA and retire its PPK on both sides
+(make-before-break). The same cycle runs again every `rotate_seconds`, and whenever the
+SA disappears (charon restarted, peer closed it).
+
+Responder: keeps its connection (no ppk_id, ppk_required = yes) loaded in charon; for
+each key_ID its peer sends, dec_keys at its own KME (as slave, naming the peer's SAE as
+master) and load the PPK before confirming.
+
+Every failure is logged with its reason and retried with exponential back-off; the last
+good SA stays up meanwhile. Key material lives only in memory (and, in file mode, in the
+0600 secrets file charon reads); it is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kme.ipsec.charon import Charon, CharonError, SecretsFile
+from kme.ipsec.config import AdapterSettings, ConnectionSettings
+from kme.ipsec.etsi import ETSIClient, KMEClientError, QKDKey, mutual_tls_context
+from kme.ipsec.peer import PeerClient, PeerError, responder_app
+
+log = logging.getLogger("kme.ipsec")
+
+ADAPTER_ERRORS = (KMEClientError, PeerError, CharonError)
+
+
+@dataclass
+class Established:
+    key_id: str
+    unique_id: str
+    at: float = field(default_factory=time.monotonic)
+
+
+class PPKStore:
+    """Where PPKs go: charon over VICI, or the secrets file (file mode)."""
+
+    def __init__(self, settings: AdapterSettings, charon: Charon) -> None:
+        self.charon = charon
+        self.file = (
+            SecretsFile(
+                settings.charon.secrets_file,
+                settings.charon.swanctl_conf,
+                settings.charon.swanctl,
+                settings.charon.vici,
+            )
+            if settings.charon.mode == "file"
+            and settings.charon.secrets_file
+            and settings.charon.swanctl_conf
+            else None
+        )
+        # The PPKs charon should hold, so that a restarted charon gets them back.
+        self.held: dict[str, bytes] = {}
+        self.psks: dict[str, tuple[str, list[str]]] = {}
+
+    async def add_psk(self, connection: ConnectionSettings) -> None:
+        if connection.psk is None:
+            return
+        self.psks[connection.name] = (connection.psk, list(connection.psk_owners))
+        if self.file:
+            self.file.psks[connection.name] = self.psks[connection.name]
+            await self.file.sync()
+        else:
+            await self.charon.load_psk(connection.name, connection.psk, list(connection.psk_owners))
+
+    async def add(self, key: QKDKey) -> None:
+        self.held[key.key_id] = key.material
+        if self.file:
+            self.file.ppks[key.key_id] = key.material
+            await self.file.sync()
+        else:
+            await self.charon.load_ppk(key.key_id, key.material)
+
+    async def remove(self, key_ids: list[str]) -> None:
+        for key_id in key_ids:
+            self.held.pop(key_id, None)
+        if self.file:
+            for key_id in key_ids:
+                self.file.ppks.pop(key_id, None)
+            await self.file.sync()
+            return
+        for key_id in key_ids:
+            with contextlib.suppress(CharonError):
+                await self.charon.unload_ppk(key_id)
+
+    async def restore(self) -> None:
+        """Give a restarted charon back its PSKs and PPKs."""
+        if self.file:
+            await self.file.sync()
+            return
+        for name, (secret, owners) in self.psks.items():
+            await self.charon.load_psk(name, secret, owners)
+        for key_id, material in self.held.items():
+            await self.charon.load_ppk(key_id, material)
+
+
+class Adapter:
+    def __init__(self, settings: AdapterSettings) -> None:
+        self.settings = settings
+        kme = settings.kme
+        self.kme = ETSIClient(
+            str(kme.url),
+            mutual_tls_context(kme.ca_file, kme.certfile, kme.keyfile),
+            timeout=kme.timeout,
+        )
+        self.charon = Charon(settings.charon.vici)
+        self.ppks = PPKStore(settings, self.charon)
+        self.established: dict[str, Established] = {}
+        self.retired: list[str] = []  # key_IDs retired so far (for operators and tests)
+
+    # -- shared ------------------------------------------------------------------------
+
+    def _conn(self, connection: ConnectionSettings, ppk_id: str | None) -> dict[str, Any]:
+        conn: dict[str, Any] = {**connection.conn, "ppk_required": "yes"}
+        if ppk_id is not None:
+            conn["ppk_id"] = ppk_id
+        else:
+            conn.pop("ppk_id", None)
+        return conn
+
+    def _material(self, key: QKDKey) -> QKDKey:
+        if self.settings.faults.corrupt_ppk:
+            log.warning("fault injection: loading a corrupted PPK for key_ID %s", key.key_id)
+            return QKDKey(key.key_id, bytes(b ^ 0x5A for b in key.material))
+        return key
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = min(self.settings.retry_max, self.settings.retry_initial * 2**attempt)
+        await asyncio.sleep(delay)
+
+    async def aclose(self) -> None:
+        await self.kme.aclose()
+        await self.charon.close()
+
+    # -- responder ---------------------------------------------------------------------
+
+    async def prepare_responder(self) -> None:
+        for connection in self.settings.connections:
+            await self.ppks.add_psk(connection)
+            await self.charon.load_conn(connection.name, self._conn(connection, None))
+            log.info(
+                "connection %s loaded as responder (any PPK it holds, PPK required)",
+                connection.name,
+            )
+
+    async def take_key(self, connection_name: str, key_id: str) -> None:
+        """Called by the peer channel: fetch the key from our KME and load it."""
+        names = {c.name for c in self.settings.connections}
+        if connection_name not in names:
+            raise PeerError(f"no connection {connection_name!r} here", status=404)
+        try:
+            (key,) = await self.kme.dec_keys(self.settings.peer.sae_id, [key_id])
+            await self.ppks.add(self._material(key))
+        except KMEClientError as exc:
+            log.error(
+                "key_ID %s for %s: own KME refused dec_keys: %s",
+                key_id,
+                connection_name,
+                exc.reason,
+            )
+            raise PeerError(f"responder's KME refused the key: {exc.reason}") from None
+        except CharonError as exc:
+            log.error("key_ID %s for %s: charon refused the PPK: %s", key_id, connection_name, exc)
+            raise PeerError(f"responder's charon refused the PPK: {exc}", status=503) from None
+        log.info("key_ID %s for %s: PPK loaded", key_id, connection_name)
+
+    async def retire_keys(self, connection_name: str, key_ids: list[str]) -> None:
+        await self.ppks.remove(key_ids)
+        self.retired.extend(key_ids)
+        log.info("retired PPKs %s of %s", key_ids, connection_name)
+
+    async def watch_responder(self) -> None:
+        """Reload connections and credentials into a charon that lost them (restart)."""
+        attempt = 0
+        while True:
+            try:
+                for connection in self.settings.connections:
+                    if not await self.charon.conn_loaded(connection.name):
+                        log.warning(
+                            "charon lost connection %s (restarted?): restoring", connection.name
+                        )
+                        await self.ppks.restore()
+                        await self.charon.load_conn(connection.name, self._conn(connection, None))
+                attempt = 0
+                await asyncio.sleep(self.settings.check_seconds)
+            except CharonError as exc:
+                log.warning("charon check failed: %s; retrying", exc)
+                await self._backoff(attempt)
+                attempt += 1
+
+    # -- initiator ---------------------------------------------------------------------
+
+    async def establish(self, peer: PeerClient, connection: ConnectionSettings) -> Established:
+        """One make-before-break step: a new PPK-protected IKE SA for `connection`."""
+        name = connection.name
+        (key,) = await self.kme.enc_keys(self.settings.peer.sae_id, size=self.settings.kme.key_size)
+        log.info("%s: key_ID %s from the KME; handing it to the peer adapter", name, key.key_id)
+        try:
+            await peer.deliver(name, key.key_id)
+            await self.ppks.add(self._material(key))
+            await self.charon.load_conn(name, self._conn(connection, key.key_id))
+            before = {sa.unique_id for sa in await self.charon.ike_sas(name)}
+            await self.charon.initiate(name, connection.initiate_timeout_ms)
+            new = [
+                sa
+                for sa in await self.charon.ike_sas(name)
+                if sa.unique_id not in before and sa.state == "ESTABLISHED"
+            ]
+            if not new:
+                raise CharonError(f"no new ESTABLISHED IKE SA of {name} after initiate")
+            if not new[0].ppk:
+                await self.charon.terminate(new[0].unique_id)
+                raise CharonError(f"IKE SA of {name} came up without a PPK; closed it")
+        except ADAPTER_ERRORS:
+            await self._discard(peer, name, key.key_id)
+            raise
+        log.info("%s: IKE SA %s ESTABLISHED with PPK_ID %s", name, new[0].unique_id, key.key_id)
+        return Established(key.key_id, new[0].unique_id)
+
+    async def _discard(self, peer: PeerClient, name: str, key_id: str) -> None:
+        await self.ppks.remove([key_id])
+        with contextlib.suppress(PeerError):
+            await peer.retire(name, [key_id])
+
+    async def _still_up(self, name: str, current: Established) -> bool:
+        return any(
+            sa.unique_id == current.unique_id and sa.state == "ESTABLISHED"
+            for sa in await self.charon.ike_sas(name)
+        )
+
+    async def run_connection(self, peer: PeerClient, connection: ConnectionSettings) -> None:
+        name = connection.name
+        attempt = 0
+        while True:
+            current = self.established.get(name)
+            try:
+                if current is not None:
+                    due = current.at + connection.rotate_seconds - time.monotonic()
+                    if await self._still_up(name, current) and due > 0:
+                        attempt = 0
+                        await asyncio.sleep(min(due, self.settings.check_seconds))
+                        continue
+                    if due > 0:
+                        log.warning(
+                            "%s: IKE SA %s is gone; re-establishing", name, current.unique_id
+                        )
+                        await self.ppks.restore()
+                        await self.ppks.add_psk(connection)
+                else:
+                    await self.ppks.add_psk(connection)
+                fresh = await self.establish(peer, connection)
+                self.established[name] = fresh
+                attempt = 0
+                if current is not None:
+                    await self._close(peer, name, current)
+            except ADAPTER_ERRORS as exc:
+                reason = getattr(exc, "reason", None) or str(exc)
+                log.error("%s: no new IKE SA (attempt %d): %s", name, attempt + 1, reason)
+                await self._backoff(attempt)
+                attempt += 1
+
+    async def _close(self, peer: PeerClient, name: str, old: Established) -> None:
+        """After a new SA is up: close the old one and retire its PPK on both sides."""
+        with contextlib.suppress(CharonError):
+            await self.charon.terminate(old.unique_id)
+        await self.ppks.remove([old.key_id])
+        self.retired.append(old.key_id)
+        try:
+            await peer.retire(name, [old.key_id])
+        except PeerError as exc:
+            log.warning("%s: peer could not retire PPK %s: %s", name, old.key_id, exc.reason)
+        log.info("%s: rotated: IKE SA %s closed, PPK %s retired", name, old.unique_id, old.key_id)
+
+
+async def run(settings: AdapterSettings, *, started: asyncio.Event | None = None) -> None:
+    """Run the adapter until cancelled."""
+    from kme.server import mutual_tls_server, mutual_tls_server_context
+
+    adapter = Adapter(settings)
+    tasks: list[asyncio.Task[Any]] = []
+    server = None
+    try:
+        if settings.role == "responder":
+            await _until_ok(
+                adapter, adapter.prepare_responder, "loading the responder's connection"
+            )
+            listen = settings.listen
+            context = mutual_tls_server_context(
+                listen.certfile or settings.kme.certfile,
+                listen.keyfile or settings.kme.keyfile,
+                settings.peer.ca_file,
+                fields=("listen.certfile", "listen.keyfile", "peer.ca_file"),
+            )
+            app = responder_app(settings.peer.identity, adapter.take_key, adapter.retire_keys)
+            server = mutual_tls_server(app, context, host=listen.host, port=listen.port)
+            tasks.append(asyncio.create_task(server.serve(), name="peer-channel"))
+            tasks.append(asyncio.create_task(adapter.watch_responder(), name="charon-watch"))
+        else:
+            if settings.peer.url is None:  # load_adapter_settings refuses this already
+                raise ValueError("an initiator needs peer.url")
+            peer_context = mutual_tls_context(
+                settings.peer.ca_file, settings.kme.certfile, settings.kme.keyfile
+            )
+            peer = PeerClient(
+                str(settings.peer.url), peer_context, settings.peer.identity, settings.peer.timeout
+            )
+            for connection in settings.connections:
+                tasks.append(asyncio.create_task(adapter.run_connection(peer, connection)))
+        if started is not None:
+            started.set()
+        await asyncio.gather(*tasks)
+    finally:
+        if server is not None:
+            server.should_exit = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await adapter.aclose()
+
+
+async def _until_ok(adapter: Adapter, step: Any, what: str) -> None:
+    attempt = 0
+    while True:
+        try:
+            await step()
+            return
+        except ADAPTER_ERRORS as exc:
+            log.error("%s failed (attempt %d): %s", what, attempt + 1, exc)
+            await adapter._backoff(attempt)
+            attempt += 1
