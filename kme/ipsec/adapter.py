@@ -203,6 +203,7 @@ class Adapter:
     async def establish(self, peer: PeerClient, connection: ConnectionSettings) -> Established:
         """One make-before-break step: a new PPK-protected IKE SA for `connection`."""
         name = connection.name
+        started = time.monotonic()
         (key,) = await self.kme.enc_keys(self.settings.peer.sae_id, size=self.settings.kme.key_size)
         log.info("%s: key_ID %s from the KME; handing it to the peer adapter", name, key.key_id)
         try:
@@ -224,7 +225,13 @@ class Adapter:
         except ADAPTER_ERRORS:
             await self._discard(peer, name, key.key_id)
             raise
-        log.info("%s: IKE SA %s ESTABLISHED with PPK_ID %s", name, new[0].unique_id, key.key_id)
+        log.info(
+            "%s: IKE SA %s ESTABLISHED with PPK_ID %s in %.0f ms (key fetch to SA up)",
+            name,
+            new[0].unique_id,
+            key.key_id,
+            (time.monotonic() - started) * 1000,
+        )
         return Established(key.key_id, new[0].unique_id)
 
     async def _discard(self, peer: PeerClient, name: str, key_id: str) -> None:

@@ -1,0 +1,251 @@
+"""Two real strongSwan charon daemons in their own network namespaces, for the IPsec tests.
+
+Recipe: ../shared/spec/strongswan-lab.md. Each charon runs in its own netns (joined by a
+veth pair) with a private /run (its pid file is hard-coded), its own strongswan.conf
+(STRONGSWAN_CONF) and its own VICI socket, which the host namespace reaches as a file.
+IKE traffic never leaves the two namespaces. Everything started here is stopped and
+removed by `close()`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHARON = Path("/usr/lib/ipsec/charon")
+PLUGINS = (
+    "random nonce aes sha1 sha2 hmac kdf gmp pem pkcs1 x509 pubkey constraints revocation "
+    "openssl kernel-netlink socket-default vici"
+)
+PROPOSAL = "aes256-sha256-x25519"
+IKE_PSK = "classical-psk-for-the-kme-lab-0123456789"
+
+
+def unavailable_reason() -> str | None:
+    """Why real strongSwan daemons in namespaces cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and charon)"
+    if not CHARON.exists():
+        return f"strongSwan is not installed ({CHARON} missing: apt-get install strongswan-charon strongswan-swanctl libstrongswan-standard-plugins)"
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        return "iproute2 and util-linux (ip, unshare) are needed"
+    try:
+        import vici  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return "the vici package is missing"
+    probe = f"kmeprobe{os.getpid()}"
+    made = subprocess.run(
+        ["ip", "netns", "add", probe], capture_output=True, text=True, check=False
+    )
+    if made.returncode != 0:
+        return f"network namespaces are not permitted here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    return None
+
+
+@dataclass
+class Site:
+    name: str  # "a" or "b"
+    netns: str
+    address: str
+    ike_id: str
+    root: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def vici_socket(self) -> Path:
+        return self.root / "charon.vici"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "charon.log"
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class StrongSwanLab:
+    def __init__(self, root: Path) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.root = root
+        self.sites = {
+            "a": Site("a", f"kme{tag}a", "10.123.0.1", "site-a.qkd.test", root / "a"),
+            "b": Site("b", f"kme{tag}b", "10.123.0.2", "site-b.qkd.test", root / "b"),
+        }
+        self._veth = (f"kv{tag}a", f"kv{tag}b")
+        self._up = False
+
+    def up(self) -> None:
+        a, b = self.sites["a"], self.sites["b"]
+        _ip("netns", "add", a.netns)
+        self._up = True
+        _ip("netns", "add", b.netns)
+        _ip("link", "add", self._veth[0], "type", "veth", "peer", "name", self._veth[1])
+        _ip("link", "set", self._veth[0], "netns", a.netns)
+        _ip("link", "set", self._veth[1], "netns", b.netns)
+        for site, veth in ((a, self._veth[0]), (b, self._veth[1])):
+            _ip("-n", site.netns, "addr", "add", f"{site.address}/24", "dev", veth)
+            _ip("-n", site.netns, "link", "set", "lo", "up")
+            _ip("-n", site.netns, "link", "set", veth, "up")
+        for site in (a, b):
+            self.start(site.name)
+
+    def _write_conf(self, site: Site) -> Path:
+        site.root.mkdir(parents=True, exist_ok=True)
+        conf = site.root / "strongswan.conf"
+        conf.write_text(
+            f"""charon {{
+    load = {PLUGINS}
+    install_routes = no
+    plugins {{
+        vici {{
+            socket = unix://{site.vici_socket}
+        }}
+    }}
+    filelog {{
+        main {{
+            path = {site.log_file}
+            time_format = %H:%M:%S
+            ike_name = yes
+            append = yes
+            flush_line = yes
+            default = 1
+            ike = 2
+            cfg = 2
+        }}
+    }}
+    syslog {{
+        daemon {{
+            default = -1
+        }}
+        auth {{
+            default = -1
+        }}
+    }}
+}}
+"""
+        )
+        return conf
+
+    def start(self, name: str) -> None:
+        site = self.sites[name]
+        conf = self._write_conf(site)
+        site.vici_socket.unlink(missing_ok=True)
+        script = f"mount -t tmpfs tmpfs /run && exec env STRONGSWAN_CONF={conf} {CHARON}"
+        with (site.root / "charon.stderr").open("ab") as stderr:
+            site.process = subprocess.Popen(  # noqa: S603
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    site.netns,
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    script,
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if site.vici_socket.exists():
+                try:
+                    with socket.socket(socket.AF_UNIX) as probe:
+                        probe.connect(str(site.vici_socket))
+                    return
+                except OSError:
+                    pass
+            if site.process.poll() is not None:
+                raise RuntimeError(
+                    f"charon {name} exited: {(site.root / 'charon.stderr').read_text()}"
+                )
+            time.sleep(0.05)
+        raise RuntimeError(f"charon {name} did not open its VICI socket")
+
+    def stop(self, name: str) -> None:
+        site = self.sites[name]
+        process, site.process = site.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+    def restart(self, name: str) -> None:
+        self.stop(name)
+        self.start(name)
+
+    def close(self) -> None:
+        for name in self.sites:
+            self.stop(name)
+        if self._up:
+            for site in self.sites.values():
+                subprocess.run(["ip", "netns", "del", site.netns], capture_output=True, check=False)
+            self._up = False
+
+    # -- looking at a daemon ---------------------------------------------------------------
+
+    @contextmanager
+    def session(self, name: str) -> Iterator[Any]:
+        import vici
+
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.sites[name].vici_socket))
+            yield vici.Session(sock)
+
+    def ike_sas(self, name: str) -> list[dict[str, str]]:
+        """Every IKE SA of the daemon: name, uniqueid, state, ppk."""
+        found = []
+        with self.session(name) as session:
+            entries = list(session.list_sas())
+        for entry in entries:
+            for sa_name, sa in entry.items():
+                found.append(
+                    {
+                        "name": sa_name.decode() if isinstance(sa_name, bytes) else sa_name,
+                        "uniqueid": sa["uniqueid"].decode(),
+                        "state": sa["state"].decode(),
+                        "ppk": sa.get("ppk", b"no").decode(),
+                    }
+                )
+        return found
+
+    def shared_ids(self, name: str) -> list[str]:
+        with self.session(name) as session:
+            return [key.decode() for key in session.get_shared().get("keys", [])]
+
+    def reset(self) -> None:
+        """Close every SA and unload every connection and shared key (between tests)."""
+        for name in self.sites:
+            with self.session(name) as session:
+                for entry in list(session.list_sas()):
+                    for sa in entry.values():
+                        for _ in session.terminate(
+                            {"ike-id": sa["uniqueid"].decode(), "force": "yes", "timeout": "-1"}
+                        ):
+                            pass
+                for conn in session.get_conns().get("conns", []):
+                    session.unload_conn({"name": conn})
+                for key in session.get_shared().get("keys", []):
+                    session.unload_shared({"id": key})

@@ -1,0 +1,308 @@
+"""The strongSwan PPK adapter against real charon daemons and a real kme (issue 3).
+
+Two charons in their own network namespaces, one kme over mutual TLS, and one
+`kme ipsec strongswan` process per site, exactly as an operator would run them. The IKE
+SAs are childless (the PPK enters the IKE SA's keys; no kernel ESP is needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kmetest import DatabaseTemplates, RunningKME, RunPKI, make_settings, running_kme
+from tests.strongswan_lab import IKE_PSK, PROPOSAL, StrongSwanLab, unavailable_reason
+
+REASON = unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"real strongSwan lab: {REASON}")
+
+KEY_IDS = re.compile(r"enc_keys: SAE_A -> [^:]+: 1 keys of \d+ bits, key_IDs \['([0-9a-f-]{36})'\]")
+CONNECTION = "qkd"
+
+
+def toml(value: Any, prefix: str = "") -> str:
+    """A small TOML writer for the adapter configurations these tests make."""
+
+    def scalar(item: Any) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, int | float):
+            return repr(item)
+        if isinstance(item, list):
+            return "[" + ", ".join(scalar(x) for x in item) + "]"
+        return json.dumps(str(item))
+
+    lines, tables = [], []
+    for key, item in value.items():
+        if isinstance(item, dict):
+            tables.append((key, item))
+        elif isinstance(item, list) and item and isinstance(item[0], dict):
+            for entry in item:
+                plain = {k: v for k, v in entry.items() if not isinstance(v, dict)}
+                nested = {k: v for k, v in entry.items() if isinstance(v, dict)}
+                lines.append(f"\n[[{prefix}{key}]]")
+                lines.append(toml(plain, f"{prefix}{key}.").strip())
+                for sub, subitem in nested.items():
+                    lines.append(toml({sub: subitem}, f"{prefix}{key}.").strip())
+        else:
+            lines.append(f"{key} = {scalar(item)}")
+    for key, item in tables:
+        lines.append(f"\n[{prefix}{key}]")
+        lines.append(toml(item, f"{prefix}{key}."))
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def conn(lab: StrongSwanLab, local: str, remote: str) -> dict[str, Any]:
+    here, there = lab.sites[local], lab.sites[remote]
+    return {
+        "version": "2",
+        "local_addrs": [here.address],
+        "remote_addrs": [there.address],
+        "proposals": [PROPOSAL],
+        "childless": "force",
+        "local": {"auth": "psk", "id": here.ike_id},
+        "remote": {"auth": "psk", "id": there.ike_id},
+    }
+
+
+class AdapterProcess:
+    """`kme ipsec strongswan --config FILE` as a subprocess, logging to a file."""
+
+    def __init__(self, name: str, config: dict[str, Any], root: Path) -> None:
+        self.name = name
+        self.root = root
+        self.config_file = root / f"adapter-{name}.toml"
+        self.config_file.write_text(toml(config))
+        self.log_file = root / f"adapter-{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        with self.log_file.open("ab") as output:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kme.cli",
+                    "ipsec",
+                    "strongswan",
+                    "--config",
+                    str(self.config_file),
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StrongSwanLab]:
+    made = StrongSwanLab(tmp_path_factory.mktemp("swan"))
+    try:
+        made.up()
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+async def kme_for_ipsec(
+    tmp_path: Path, test_pki: RunPKI, templates: DatabaseTemplates
+) -> AsyncIterator[RunningKME]:
+    url = await templates.sqlite(tmp_path / "kme.db")
+    async with running_kme(make_settings(test_pki, url), test_pki, fill=100) as running:
+        yield running
+
+
+class Sites:
+    """Builds the two adapters' configurations for one test and stops them afterwards."""
+
+    def __init__(self, lab: StrongSwanLab, kme: RunningKME, root: Path) -> None:
+        self.lab, self.kme, self.root = lab, kme, root
+        self.port = free_port()
+        self.adapters: list[AdapterProcess] = []
+
+    def adapter(self, site: str, **overrides: Any) -> AdapterProcess:
+        pki = self.kme.pki
+        me, other = ("SAE_A", "SAE_B") if site == "a" else ("SAE_B", "SAE_A")
+        remote = "b" if site == "a" else "a"
+        config: dict[str, Any] = {
+            "role": "initiator" if site == "a" else "responder",
+            "name": f"site-{site}",
+            "retry_initial": 0.2,
+            "retry_max": 1.0,
+            "check_seconds": 0.3,
+            "kme": {
+                "url": self.kme.base_url,
+                "ca_file": str(pki.ca_file),
+                "certfile": str(pki.saes[me].cert),
+                "keyfile": str(pki.saes[me].key),
+            },
+            "peer": {"sae_id": other, "identity": other, "ca_file": str(pki.ca_file)},
+            "charon": {"vici": str(self.lab.sites[site].vici_socket)},
+            "connections": [
+                {
+                    "name": CONNECTION,
+                    "psk": IKE_PSK,
+                    "psk_owners": [self.lab.sites["a"].ike_id, self.lab.sites["b"].ike_id],
+                    "rotate_seconds": 3600,
+                    "initiate_timeout_ms": 5000,
+                    "conn": conn(self.lab, site, remote),
+                }
+            ],
+        }
+        if site == "a":
+            config["peer"]["url"] = f"https://127.0.0.1:{self.port}"
+        else:
+            config["listen"] = {"host": "127.0.0.1", "port": self.port}
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}
+            elif key == "connection":
+                config["connections"][0].update(value)
+            else:
+                config[key] = value
+        adapter = AdapterProcess(site, config, self.root)
+        self.adapters.append(adapter)
+        return adapter
+
+    def stop(self) -> None:
+        for adapter in self.adapters:
+            adapter.stop()
+
+
+@pytest.fixture
+def sites(lab: StrongSwanLab, kme_for_ipsec: RunningKME, tmp_path: Path) -> Iterator[Sites]:
+    made = Sites(lab, kme_for_ipsec, tmp_path)
+    try:
+        yield made
+    finally:
+        made.stop()
+        lab.reset()
+
+
+async def wait_for(condition: Any, seconds: float = 20.0, what: str = "condition") -> Any:
+    """Poll `condition()` (bounded) until it returns something truthy."""
+    deadline = time.monotonic() + seconds
+    for _ in range(int(seconds / 0.05) + 1):
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def ppk_sas(lab: StrongSwanLab, site: str) -> list[dict[str, str]]:
+    return [sa for sa in lab.ike_sas(site) if sa["state"] == "ESTABLISHED" and sa["ppk"] == "yes"]
+
+
+def issued_key_ids(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [match for record in caplog.records for match in KEY_IDS.findall(record.getMessage())]
+
+
+def both_up(lab: StrongSwanLab) -> bool:
+    return len(ppk_sas(lab, "a")) == 1 and len(ppk_sas(lab, "b")) == 1
+
+
+ESTABLISHED = re.compile(r"ESTABLISHED with PPK_ID ([0-9a-f-]{36}) in (\d+) ms")
+
+
+async def test_ppk_sa_comes_up_and_rotates_make_before_break(
+    lab: StrongSwanLab,
+    sites: Sites,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 3 items 1 and 2: both daemons hold an ESTABLISHED IKE SA with `ppk: yes` whose
+    PPK_ID is the key_ID the KME issued; a rotation brings up a new SA under a new key_ID
+    before the old one goes, retires the old PPK on both sides, and the KME's pool shows
+    exactly the keys consumed."""
+    caplog.set_level(logging.INFO, logger="kme")
+    kme = sites.kme
+    before = await kme.stored_blocks()
+    responder = sites.adapter("b")
+    initiator = sites.adapter("a", connection={"rotate_seconds": 3})
+    responder.start()
+    initiator.start()
+
+    await wait_for(lambda: both_up(lab), what="the first PPK-protected IKE SA")
+    first_up = time.monotonic() - initiator.started_at
+    first = issued_key_ids(caplog)
+    assert len(first) == 1, first
+    for site in ("a", "b"):
+        assert f"using PPK for PPK_ID '{first[0]}'" in lab.sites[site].log()
+    old = {site: ppk_sas(lab, site)[0]["uniqueid"] for site in ("a", "b")}
+
+    def rotated() -> bool:
+        return (
+            len(issued_key_ids(caplog)) >= 2
+            and all(len(lab.ike_sas(site)) == 1 for site in ("a", "b"))
+            and all(
+                [sa["uniqueid"] for sa in ppk_sas(lab, site)] not in ([], [old[site]])
+                for site in ("a", "b")
+            )
+        )
+
+    await wait_for(rotated, what="a rotation: one new PPK SA per daemon, the old one gone")
+    second = issued_key_ids(caplog)[1]
+    assert second != first[0]
+    for site in ("a", "b"):
+        assert f"using PPK for PPK_ID '{second}'" in lab.sites[site].log()
+    # The spent PPK is unloaded on both sides; only the current one is held.
+    await wait_for(
+        lambda: all(f"kme-ppk-{first[0]}" not in lab.shared_ids(s) for s in ("a", "b")),
+        what="the spent PPK to be unloaded",
+    )
+    for site in ("a", "b"):
+        assert f"kme-ppk-{second}" in lab.shared_ids(site)
+
+    initiator.stop()
+    responder.stop()
+    issued = issued_key_ids(caplog)
+    assert await kme.stored_blocks() == before - len(issued)
+    assert await kme.delivered_rows() == 0  # every issued key reached the responder
+    for text in (initiator.log(), responder.log()):
+        assert "Traceback" not in text
+    timings = dict(ESTABLISHED.findall(initiator.log()))
+    with capsys.disabled():
+        print(
+            f"\n[ipsec timing] adapter process start -> PPK SA ESTABLISHED on both daemons: "
+            f"{first_up * 1000:.0f} ms; first SA key fetch -> SA up {timings[first[0]]} ms; "
+            f"rotation key fetch -> new SA up {timings[second]} ms"
+        )
