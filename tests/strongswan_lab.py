@@ -146,7 +146,7 @@ class StrongSwanLab:
         site.vici_socket.unlink(missing_ok=True)
         script = f"mount -t tmpfs tmpfs /run && exec env STRONGSWAN_CONF={conf} {CHARON}"
         with (site.root / "charon.stderr").open("ab") as stderr:
-            site.process = subprocess.Popen(  # noqa: S603
+            site.process = subprocess.Popen(
                 [
                     "ip",
                     "netns",
