@@ -305,3 +305,120 @@ async def test_ppk_sa_comes_up_and_rotates_make_before_break(
             f"{first_up * 1000:.0f} ms; first SA key fetch -> SA up {timings[first[0]]} ms; "
             f"rotation key fetch -> new SA up {timings[second]} ms"
         )
+
+
+async def test_responder_whose_kme_refuses_the_key_leaves_no_sa(
+    lab: StrongSwanLab, sites: Sites
+) -> None:
+    """Issue 3 item 2: when the responder's KME refuses the key (the initiator asked for
+    keys for another SAE, so SAE_B may not have them: 401), no IKE SA comes up on either
+    daemon, the initiator's log says why, and it keeps retrying."""
+    responder = sites.adapter("b")
+    initiator = sites.adapter("a", peer={"sae_id": "SAE_C"})
+    responder.start()
+    initiator.start()
+    await wait_for(
+        lambda: initiator.log().count("responder's KME refused the key: KME answered 401") >= 2,
+        what="two refused attempts in the initiator's log",
+    )
+    assert lab.ike_sas("a") == []
+    assert lab.ike_sas("b") == []
+    assert "own KME refused dec_keys: KME answered 401" in responder.log()
+    # No PPK was loaded for a key the responder could not get.
+    assert not [
+        key for key in lab.shared_ids("a") + lab.shared_ids("b") if key.startswith("kme-ppk-")
+    ]
+
+
+async def test_mismatched_key_material_fails_authentication(
+    lab: StrongSwanLab, sites: Sites
+) -> None:
+    """Issue 3 item 2: a responder holding different material under the same key_ID (fault
+    injection corrupts its PPK) makes IKE_AUTH fail: no SA, the reason in the log."""
+    responder = sites.adapter("b", faults={"corrupt_ppk": True})
+    initiator = sites.adapter("a")
+    responder.start()
+    initiator.start()
+    await wait_for(
+        lambda: (
+            "AUTHENTICATION_FAILED" in initiator.log() or "MAC mismatched" in lab.sites["b"].log()
+        ),
+        what="an authentication failure",
+    )
+    await wait_for(
+        lambda: "no new IKE SA" in initiator.log(), what="the initiator to log the failure"
+    )
+    assert ppk_sas(lab, "a") == []
+    assert ppk_sas(lab, "b") == []
+    assert "fault injection: loading a corrupted PPK" in responder.log()
+
+
+async def test_file_mode_writes_private_secrets_and_brings_the_sa_up(
+    lab: StrongSwanLab, sites: Sites, tmp_path: Path
+) -> None:
+    """Issue 3 item 1, file mode: the responder writes its PPKs (and PSK) into a swanctl.conf
+    include with mode 0600 and reloads credentials with swanctl; the SA comes up with a PPK."""
+    secrets = tmp_path / "swanctl-b" / "conf.d" / "kme-ppk.conf"
+    swanctl_conf = tmp_path / "swanctl-b" / "swanctl.conf"
+    swanctl_conf.parent.mkdir(parents=True)
+    swanctl_conf.write_text(f"include {secrets}\n")
+    responder = sites.adapter(
+        "b",
+        charon={"mode": "file", "secrets_file": str(secrets), "swanctl_conf": str(swanctl_conf)},
+    )
+    initiator = sites.adapter("a")
+    responder.start()
+    initiator.start()
+    await wait_for(lambda: both_up(lab), what="a PPK-protected IKE SA with a file-mode responder")
+    assert secrets.stat().st_mode & 0o777 == 0o600
+    text = secrets.read_text()
+    assert text.count("ppk-") == 1
+    assert "secret = 0x" in text
+    key_id = re.search(r'id = "([0-9a-f-]{36})"', text)
+    assert key_id is not None
+    assert f"using PPK for PPK_ID '{key_id.group(1)}'" in lab.sites["b"].log()
+
+
+async def test_faults_are_retried_until_a_ppk_sa_is_up(
+    lab: StrongSwanLab, sites: Sites, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 3 item 1, faults: an empty KME pool (503) and a peer adapter that is down are
+    retried with back-off and logged with the reason; once both are fixed the SA comes up.
+    Then a restarted charon on either side gets its connection and a PPK back."""
+    caplog.set_level(logging.INFO, logger="kme")
+    kme = sites.kme
+    await kme.fill(0)
+    async with kme.database.session() as session:  # empty the pool: enc_keys answers 503
+        from kme.keys import pool
+
+        link = await pool.get_link(session, "KME_TEST", "KME_TEST")
+        assert link is not None
+        await pool.reserve(
+            session,
+            link,
+            master_sae_id="SAE_A",
+            slave_sae_ids=["SAE_C"],
+            number=link.stored_blocks,
+            size_bits=256,
+            ttl_seconds=60,
+        )
+        await session.commit()
+    initiator = sites.adapter("a")
+    responder = sites.adapter("b")
+    initiator.start()
+    await wait_for(lambda: initiator.log().count("KME answered 503") >= 2, what="503 retries")
+    await kme.fill(20)
+    await wait_for(lambda: "peer adapter unreachable" in initiator.log(), what="peer-down retries")
+    assert lab.ike_sas("a") == []
+    responder.start()
+    await wait_for(lambda: both_up(lab), what="the SA once the KME and the peer are back")
+
+    for site in ("b", "a"):
+        key_ids_before = len(issued_key_ids(caplog))
+        lab.restart(site)
+        await wait_for(
+            lambda: both_up(lab), seconds=30, what=f"the SA after charon {site} restarted"
+        )
+        assert len(issued_key_ids(caplog)) > key_ids_before  # a fresh key, not a reused one
+    for text in (initiator.log(), responder.log()):
+        assert "Traceback" not in text
