@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shlex
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -329,6 +330,51 @@ def cmd_ipsec_strongswan(args: argparse.Namespace) -> None:
     asyncio.run(run(settings))
 
 
+def cmd_ipsec_config(args: argparse.Namespace) -> None:
+    from kme.ipsec.gateways import KMETarget, render
+    from kme.ipsec.swanctl import render_strongswan
+
+    settings = _settings(args)
+    certs = settings.server.ca_file.parent
+    paths = lab.sae_paths(certs, args.sae)
+
+    async def known() -> set[str]:
+        database = Database(settings.database_url, pool_size=1)
+        try:
+            async with database.session() as session:
+                return {sae.sae_id for sae in await saes.list_all(session)}
+        finally:
+            await database.dispose()
+
+    registered = asyncio.run(known())
+    for sae_id in filter(None, (args.sae, args.peer_sae)):
+        if sae_id not in registered:
+            raise UsageError(f"{sae_id!r} is not a registered SAE (see `kme sae list`)")
+    host = args.host or settings.server.host
+    if host in ("0.0.0.0", "::"):  # noqa: S104  (a listen address is not one to dial)
+        host = socket.gethostname()
+    try:
+        target = KMETarget(
+            kme_id=settings.kme_id,
+            host=host,
+            port=args.port or settings.server.port,
+            sae_id=args.sae,
+            peer_sae_id=args.peer_sae,
+            ca_file=settings.server.ca_file,
+            cert_file=paths.cert,
+            key_file=paths.key,
+            key_size_bits=settings.keys.key_size,
+        )
+        text = (
+            render_strongswan(target, args.role)
+            if args.vendor == "strongswan"
+            else render(args.vendor, target)
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    sys.stdout.write(text)
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -447,6 +493,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     swan.add_argument("--config", type=Path, required=True, help="the adapter's TOML file")
     swan.set_defaults(func=cmd_ipsec_strongswan)
+    gateway = ipsec.add_parser(
+        "config",
+        help="print a gateway's configuration for this deployment",
+        description="Print a ready-to-paste configuration for a gateway that takes this "
+        "KME's keys as RFC 8784 PPKs, with the certificate files to import.",
+    )
+    gateway.add_argument("vendor", choices=["fortios", "junos", "mikrotik", "strongswan"])
+    gateway.add_argument("--sae", required=True, metavar="ID", help="the gateway's SAE ID")
+    gateway.add_argument("--peer-sae", metavar="ID", help="the remote gateway's SAE ID")
+    gateway.add_argument("--host", help="the KME's name or address as the gateway dials it")
+    gateway.add_argument("--port", type=int, help="the KME's port (default: server.port)")
+    gateway.add_argument(
+        "--role",
+        choices=["initiator", "responder"],
+        default="initiator",
+        help="strongswan: which side this gateway's adapter plays",
+    )
+    config_arg(gateway)
+    gateway.set_defaults(func=cmd_ipsec_config)
 
     openapi = commands.add_parser("openapi", help="print the OpenAPI document")
     config_arg(openapi, default=False)
