@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kme import __version__
 from kme.config import Settings
 from kme.db import Database
-from kme.errors import KMEError
+from kme.errors import ConfigError, KMEError
 from kme.identity import ProxyTrust
 from kme.keys import pool, supply
 from kme.keys.router import router as keys_router
@@ -70,7 +70,12 @@ def create_app(settings: Settings, *, database: Database | None = None) -> FastA
     )
     app.state.settings = settings
     app.state.key_service = KeyService(settings)
-    ca_pem = settings.server.ca_file.read_bytes() if settings.server.trusted_proxies else None
+    try:
+        ca_pem = settings.server.ca_file.read_bytes() if settings.server.trusted_proxies else None
+    except OSError as exc:
+        raise ConfigError(
+            f"field 'server.ca_file': cannot read {settings.server.ca_file} ({exc.strerror})"
+        ) from None
     app.state.proxy_trust = ProxyTrust(settings.server, ca_pem)
     app.include_router(keys_router)
     _install_error_handlers(app)

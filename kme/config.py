@@ -35,10 +35,13 @@ class ServerSettings(_Section):
     certfile: Path = Path("certs/kme.pem")
     keyfile: Path = Path("certs/kme.key")
     ca_file: Path = Path("certs/ca.pem")
-    # Trusted-proxy mode (off while empty): a request arriving from one of these addresses
-    # may name the SAE's certificate in `proxy_cert_header` (URL-encoded PEM, as nginx's
-    # $ssl_client_escaped_cert). From any other address that header is ignored.
+    # Trusted-proxy mode (off while empty): a request that arrives from one of these
+    # addresses over a connection whose client certificate is one of the pinned proxy
+    # certificates (SHA-256) must name the SAE's certificate in `proxy_cert_header`
+    # (URL-encoded PEM, as nginx's $ssl_client_escaped_cert). Any other connection is
+    # identified by its own certificate and the header is ignored.
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    trusted_proxy_certs: list[str] = []
     proxy_cert_header: str = "x-ssl-client-cert"
     access_log: bool = True
 
@@ -46,6 +49,24 @@ class ServerSettings(_Section):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.lower()
+
+    @field_validator("trusted_proxy_certs")
+    @classmethod
+    def _fingerprints(cls, values: list[str]) -> list[str]:
+        from kme.saes import normalise_fingerprint
+
+        return [normalise_fingerprint(value) for value in values]
+
+    @model_validator(mode="after")
+    def _proxy_pinned(self) -> ServerSettings:
+        # An address alone proves nothing: any SAE behind the proxy's address could paste
+        # another SAE's (public) certificate into the header.
+        if bool(self.trusted_proxies) != bool(self.trusted_proxy_certs):
+            raise ValueError(
+                "trusted_proxies and trusted_proxy_certs go together: trusted-proxy mode "
+                "needs the proxies' addresses and their pinned certificates"
+            )
+        return self
 
 
 class IdentitySettings(_Section):

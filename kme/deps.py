@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from kme.config import Settings
 from kme.db import Database
 from kme.errors import KEY_DATA_ACCESS_ERROR, ServiceUnavailable
-from kme.identity import ProxyTrust, authenticate, certificate_from_scope
+from kme.identity import ProxyTrust, authenticate
 from kme.keys.service import KeyService
 from kme.saes import SAE
 
@@ -47,7 +47,7 @@ async def _caller(request: Request, session: SessionDep) -> SAE:
     settings: Settings = request.app.state.settings
     proxy: ProxyTrust = request.app.state.proxy_trust
     scope = dict(request.scope)
-    cert = proxy.forwarded_certificate(scope) or certificate_from_scope(scope)
+    cert = proxy.caller_certificate(scope)
     return await authenticate(session, cert, settings.identity)
 
 

@@ -67,34 +67,34 @@ def certificate_from_scope(scope: dict[str, Any]) -> PeerCertificate | None:
 
 
 class ProxyTrust:
-    """Trusted-proxy mode: off unless proxy addresses are configured."""
+    """Trusted-proxy mode: off unless proxy addresses and proxy certificates are configured."""
 
     def __init__(self, server: ServerSettings, ca_pem: bytes | None) -> None:
         self.networks = tuple(server.trusted_proxies)
+        self.pinned = frozenset(server.trusted_proxy_certs)
         self.header = server.proxy_cert_header.encode("latin-1")
         self.ca = x509.load_pem_x509_certificate(ca_pem) if ca_pem and self.networks else None
 
-    def forwarded_certificate(self, scope: dict[str, Any]) -> PeerCertificate | None:
-        """The SAE certificate a trusted proxy forwarded, or None to use the connection's."""
-        if not self.networks or self.ca is None:
-            return None
-        client = scope.get("client")
-        if not client:
-            return None
-        try:
-            address = ipaddress.ip_address(client[0])
-        except ValueError:
-            return None
-        if not any(address in network for network in self.networks):
-            return None
+    def caller_certificate(self, scope: dict[str, Any]) -> PeerCertificate | None:
+        """The certificate that identifies this request's caller.
+
+        The connection's own, unless the connection is a trusted proxy's (a configured
+        address *and* a pinned certificate): then the SAE certificate the proxy forwarded,
+        which must be there and must verify against our CA.
+        """
+        connection = certificate_from_scope(scope)
+        if not self._is_proxy(scope, connection):
+            return connection
         values = [value for name, value in scope.get("headers", ()) if name == self.header]
         if not values:
-            return None
+            raise Unauthorized("the trusted proxy forwarded no client certificate")
         if len(values) > 1:
             raise Unauthorized("more than one forwarded client certificate")
         try:
             cert = x509.load_pem_x509_certificate(unquote(values[0].decode("latin-1")).encode())
             # The proxy verified the chain; check it again so a proxy bug cannot mint SAEs.
+            if self.ca is None:
+                raise ValueError("no CA to verify against")
             cert.verify_directly_issued_by(self.ca)
             now = datetime.now(UTC)
             if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
@@ -103,6 +103,16 @@ class ProxyTrust:
             log.warning("forwarded client certificate rejected: %s", type(exc).__name__)
             raise Unauthorized("forwarded client certificate is not valid") from None
         return _describe(cert)
+
+    def _is_proxy(self, scope: dict[str, Any], connection: PeerCertificate | None) -> bool:
+        if not self.networks or connection is None or connection.sha256 not in self.pinned:
+            return False
+        client = scope.get("client")
+        try:
+            address = ipaddress.ip_address(client[0]) if client else None
+        except ValueError:
+            return False
+        return address is not None and any(address in network for network in self.networks)
 
 
 def candidate_id(cert: PeerCertificate, settings: IdentitySettings) -> str | None:

@@ -63,7 +63,8 @@ port = {port}
 certfile = "certs/kme.pem"
 keyfile = "certs/kme.key"
 ca_file = "certs/ca.pem"           # client certificates must chain to this CA
-trusted_proxies = []               # e.g. ["10.0.0.5/32"]: enables x-ssl-client-cert from them
+trusted_proxies = []               # e.g. ["10.0.0.5/32"], with trusted_proxy_certs:
+trusted_proxy_certs = []           # the proxies' certificate SHA-256s (see README)
 proxy_cert_header = "x-ssl-client-cert"
 access_log = true
 

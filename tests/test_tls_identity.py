@@ -16,6 +16,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -422,13 +423,48 @@ def make_impostor_ca_client(test_pki: kmetest.RunPKI, common_name: str) -> str:
     return pki.issue_client(impostor, common_name).cert_pem().decode()
 
 
-async def test_trusted_proxy_forwards_the_sae_certificate(make_kme: KMEFactory) -> None:
+def proxy_mode(test_pki: kmetest.RunPKI, networks: list[str]) -> dict[str, Any]:
+    """Trusted-proxy settings with the stranger's certificate pinned as the proxy's."""
+    return {
+        "trusted_proxies": networks,
+        "trusted_proxy_certs": [pki.file_sha256(test_pki.stranger.cert)],
+    }
+
+
+async def test_an_sae_behind_a_trusted_address_cannot_forward_another_sae(
+    make_kme: KMEFactory,
+    test_pki: kmetest.RunPKI,
+) -> None:
+    """Trusted-proxy mode (item 3): a registered SAE connecting from the proxy's address
+    with its own (unpinned) certificate cannot pose as another SAE by pasting that SAE's
+    public certificate into the header: it stays itself."""
+    async with make_kme(server=proxy_mode(test_pki, ["127.0.0.1/32"]), fill=10) as kme:
+        header = {"x-ssl-client-cert": quote(pem(kme.pki.saes["SAE_B"]))}
+        response = await kme.client("SAE_C").get(STATUS_A, headers=header)
+        assert response.status_code == 200, response.text
+        assert response.json()["master_SAE_ID"] == "SAE_C"
+
+
+def test_proxy_addresses_without_pinned_proxy_certificates_are_refused() -> None:
+    """Trusted-proxy mode is refused in configuration unless the proxies' certificates
+    are pinned next to their addresses."""
+    from pydantic import ValidationError
+
+    from kme.config import ServerSettings
+
+    with pytest.raises(ValidationError, match="trusted_proxy_certs"):
+        ServerSettings(trusted_proxies=["127.0.0.1/32"])  # type: ignore[list-item]
+
+
+async def test_trusted_proxy_forwards_the_sae_certificate(
+    make_kme: KMEFactory, test_pki: kmetest.RunPKI
+) -> None:
     """Trusted-proxy mode (items 3, 4): with trusted_proxies = 127.0.0.1/32, a
     connection authenticated as a proxy certificate (the unregistered stranger) that
     forwards SAE_B's URL-encoded PEM in x-ssl-client-cert is SAE_B; the next request on
     the same connection forwarding SAE_C is SAE_C; without the header the connection's
-    own certificate counts (the stranger: 401)."""
-    async with make_kme(server={"trusted_proxies": ["127.0.0.1/32"]}, fill=10) as kme:
+    own certificate never counts (401)."""
+    async with make_kme(server=proxy_mode(test_pki, ["127.0.0.1/32"]), fill=10) as kme:
         proxy = kme.client(kme.pki.stranger)
         as_b = await proxy.get(
             STATUS_A, headers={"x-ssl-client-cert": quote(pem(kme.pki.saes["SAE_B"]))}
@@ -446,12 +482,14 @@ async def test_trusted_proxy_forwards_the_sae_certificate(make_kme: KMEFactory) 
         assert (await proxy.get(STATUS_A)).status_code == 401
 
 
-async def test_trusted_proxy_rejects_invalid_forwarded_certificates(make_kme: KMEFactory) -> None:
+async def test_trusted_proxy_rejects_invalid_forwarded_certificates(
+    make_kme: KMEFactory, test_pki: kmetest.RunPKI
+) -> None:
     """Trusted-proxy mode: a forwarded certificate the KME cannot verify itself gets
     401: one from the foreign CA, one from a CA that copies our CA's name, an expired
     one from our CA, text that is no certificate, and two copies of the header (even
     of a valid certificate)."""
-    async with make_kme(server={"trusted_proxies": ["127.0.0.1/32"]}, fill=10) as kme:
+    async with make_kme(server=proxy_mode(test_pki, ["127.0.0.1/32"]), fill=10) as kme:
         proxy = kme.client(kme.pki.stranger)
         valid_b = quote(pem(kme.pki.saes["SAE_B"]))
         bad_values = {
@@ -477,11 +515,12 @@ async def test_trusted_proxy_rejects_invalid_forwarded_certificates(make_kme: KM
 
 async def test_forwarded_certificate_ignored_from_untrusted_address(
     make_kme: KMEFactory,
+    test_pki: kmetest.RunPKI,
 ) -> None:
     """Trusted-proxy mode: with trusted_proxies = 10.9.9.9/32, the header from
     127.0.0.1 is ignored: an SAE connection stays itself, and an unregistered
     connection certificate stays unauthorised (401)."""
-    async with make_kme(server={"trusted_proxies": ["10.9.9.9/32"]}, fill=10) as kme:
+    async with make_kme(server=proxy_mode(test_pki, ["10.9.9.9/32"]), fill=10) as kme:
         header = {"x-ssl-client-cert": quote(pem(kme.pki.saes["SAE_B"]))}
         response = await kme.client("SAE_C").get(STATUS_A, headers=header)
         assert response.status_code == 200, response.text
