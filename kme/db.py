@@ -89,13 +89,20 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # FULL: with NORMAL a committed delivery can roll back after a power loss, and the
+        # restored pool blocks would then be handed out a second time.
+        cursor.execute("PRAGMA synchronous=FULL")
+        # Deleted key material is overwritten in the database file, whatever the build's
+        # default (the sweeper also truncates the WAL, which holds copies).
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            return  # maintenance outside a transaction (the WAL checkpoint)
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select
 
+from kme.db import sqlite_path as sqlite_file
 from kme.keys.models import PoolBlock
 from tests.conftest import KMEFactory
 from tests.kmetest import RunningKME
@@ -261,3 +262,68 @@ async def test_emulated_link_fills_up_to_capacity(make_kme: KMEFactory) -> None:
         assert all(len(base64.b64decode(k["key"])) == 32 for k in got.json()["keys"])
         await wait_for_blocks(kme, 40)
         assert await kme.stored_blocks() == 40
+
+
+async def test_sweep_destroys_every_expired_key_in_batches(make_kme: KMEFactory) -> None:
+    """Item 49: more expired deliveries than one batch (and than PostgreSQL's parameter
+    limit would allow in one statement) are all destroyed; on SQLite none of their material
+    is left in the database file or its WAL afterwards."""
+    from kme.keys import pool, supply
+
+    count = pool.PURGE_BATCH * 2 + 7
+    async with make_kme(fill=count + 5, keys={"undelivered_key_ttl": 0.2}) as kme:
+        async with kme.database.session() as session:
+            link = await pool.get_link(session, "KME_TEST", "KME_TEST")
+            assert link is not None
+            keys = await pool.reserve(
+                session,
+                link,
+                master_sae_id="SAE_A",
+                slave_sae_ids=["SAE_B", "SAE_C"],
+                number=count,
+                size_bits=256,
+                ttl_seconds=0.2,
+            )
+            await session.commit()
+        fresh = (await kme.client("SAE_A").get(ENC.format("SAE_B"))).json()  # not expired
+        await asyncio.sleep(0.3)
+        fresh_deadline = await kme.client("SAE_A").get(ENC.format("SAE_B"))  # made after
+        assert fresh_deadline.status_code == 200
+        assert await supply.sweep(kme.database) >= count
+        remaining = await kme.delivered_rows()
+        assert remaining == 1  # only the key made after the TTL ran out for the others
+        assert await kme.recipient_rows() == 1
+        assert fresh["keys"][0]["key_ID"] not in fresh_deadline.text
+        path = sqlite_file(kme.settings.database_url)
+        if path is not None:
+            stored = b"".join(
+                candidate.read_bytes()
+                for candidate in (path, path.with_name(path.name + "-wal"))
+                if candidate.exists()
+            )
+            leaked = [key.key_id for key in keys[:200] if key.material in stored]
+            assert not leaked
+
+
+async def test_sweep_and_collect_on_the_same_keys_do_not_deadlock(make_kme: KMEFactory) -> None:
+    """Item 49, 53: sweeping expired keys while slaves collect other keys at the same time
+    finishes without a deadlock or a 503, and every collect gets its keys."""
+    from kme.keys import supply
+
+    async with make_kme(fill=300, keys={"undelivered_key_ttl": 2.0}) as kme:
+        doomed = await kme.client("SAE_A").post(ENC.format("SAE_B"), json={"number": 100})
+        assert doomed.status_code == 200
+        await asyncio.sleep(2.1)
+        live = (await kme.client("SAE_A").post(ENC.format("SAE_B"), json={"number": 100})).json()
+        slave = kme.client("SAE_B")
+
+        async def take(key_id: str) -> int:
+            response = await slave.get(DEC.format("SAE_A"), params={"key_ID": key_id})
+            return int(response.status_code)
+
+        results = await asyncio.gather(
+            supply.sweep(kme.database), *(take(key["key_ID"]) for key in live["keys"])
+        )
+        assert results[0] == 100
+        assert set(results[1:]) == {200}
+        assert await kme.delivered_rows() == 0

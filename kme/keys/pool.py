@@ -264,7 +264,8 @@ async def collect(
 
 
 async def destroy(session: AsyncSession, key_ids: Sequence[str]) -> None:
-    """Delete delivered keys and their recipients: the material is gone with the row."""
+    """Delete delivered keys (their recipients go by ON DELETE CASCADE): the material is
+    gone with the row. Callers hold the rows' locks already (collect)."""
     await session.execute(
         delete(KeyRecipient)
         .where(KeyRecipient.key_id.in_(key_ids))
@@ -277,21 +278,34 @@ async def destroy(session: AsyncSession, key_ids: Sequence[str]) -> None:
     )
 
 
+PURGE_BATCH = 1000
+
+
 async def purge_expired(session: AsyncSession, now: float | None = None) -> int:
-    """Destroy deliveries whose slaves did not come within the TTL (checklist item 49)."""
+    """Destroy one batch of deliveries whose slaves did not come within the TTL (item 49).
+
+    Locks keys in key_ID order, as collect does, and skips keys a collect holds, so the
+    two never deadlock; a batch stays far below any driver's parameter limit. Call it
+    until it returns less than PURGE_BATCH.
+    """
     cutoff = time.time() if now is None else now
     expired = (
-        (
-            await session.execute(
-                select(DeliveredKey.key_id).where(DeliveredKey.expires_at <= cutoff)
-            )
-        )
-        .scalars()
-        .all()
+        select(DeliveredKey.key_id)
+        .where(DeliveredKey.expires_at <= cutoff)
+        .order_by(DeliveredKey.key_id)
+        .limit(PURGE_BATCH)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
     )
-    if expired:
-        await destroy(session, expired)
-    return len(expired)
+    purged = (
+        await session.execute(
+            delete(DeliveredKey)
+            .where(DeliveredKey.key_id.in_(expired))
+            .returning(DeliveredKey.key_id)
+            .execution_options(synchronize_session=False)
+        )
+    ).all()
+    return len(purged)
 
 
 async def undelivered_count(session: AsyncSession) -> int:

@@ -61,14 +61,30 @@ async def run_link(database: Database, settings: Settings, link_id: int, block_b
             log.exception("emulated link %s could not bank keys; retrying next tick", link_id)
 
 
-async def run_sweeper(database: Database) -> None:
+async def sweep(database: Database) -> int:
+    """Destroy every expired undelivered key, batch by batch; return how many."""
+    total = 0
+    while True:
+        async with database.session() as session:
+            purged = await pool.purge_expired(session)
+            await session.commit()
+        total += purged
+        if purged < pool.PURGE_BATCH:
+            break
+    if database.is_sqlite:
+        # The WAL keeps copies of deleted pages (with key material) until a checkpoint.
+        async with database.engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await autocommit.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    return total
+
+
+async def run_sweeper(database: Database, every: float = SWEEP_SECONDS) -> None:
     """Destroy expired undelivered keys until cancelled."""
     while True:
-        await asyncio.sleep(SWEEP_SECONDS)
+        await asyncio.sleep(every)
         try:
-            async with database.session() as session:
-                purged = await pool.purge_expired(session)
-                await session.commit()
+            purged = await sweep(database)
             if purged:
                 log.info("destroyed %d keys whose slaves did not fetch them in time", purged)
         except Exception:
