@@ -12,6 +12,7 @@ from kme.db import Base, create_engine
 from kme.keys import models as _key_models  # noqa: F401  (registers the tables)
 
 target_metadata = Base.metadata
+MIGRATION_LOCK = 0x6B6D65  # "kme"
 
 
 def _url() -> str:
@@ -30,6 +31,10 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Several kme processes may start at once against one database: one migrates,
+            # the others wait and then find nothing to do.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         context.run_migrations()
 
 

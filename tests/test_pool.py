@@ -327,3 +327,35 @@ async def test_sweep_and_collect_on_the_same_keys_do_not_deadlock(make_kme: KMEF
         assert results[0] == 100
         assert set(results[1:]) == {200}
         assert await kme.delivered_rows() == 0
+
+
+async def test_processes_sharing_a_pool_share_one_link_rate(make_kme: KMEFactory) -> None:
+    """Issue 2 item 5: the emulated link's production is accounted in the database, so two
+    kme processes banking for the same span of time add one link's worth of keys, not two;
+    fractions of a block carry over, and a full pool loses the surplus."""
+    from kme.db import Database
+    from kme.keys import pool
+
+    async with make_kme(fill=0) as kme:
+        other = Database(kme.settings.database_url)  # a second process's engine
+        try:
+
+            async def bank(database: Database, now: float, capacity: int = 1000) -> int:
+                async with database.session() as session:
+                    added = await pool.bank(
+                        session, kme.link_id, rate_bps=2560, capacity=capacity, now=now
+                    )
+                    await session.commit()
+                    return added
+
+            t0 = 1_000_000.0
+            assert await bank(kme.database, t0) == 0  # starts the clock
+            first, second = await asyncio.gather(bank(kme.database, t0 + 1), bank(other, t0 + 1))
+            assert first + second == 10  # 2560 bit/s for 1 s, in 256-bit blocks
+            assert await bank(other, t0 + 1.05) == 0  # half a block: carried over
+            assert await bank(kme.database, t0 + 1.11) == 1  # the carried half, completed
+            assert await bank(kme.database, t0 + 100, capacity=20) == 9  # full at 20
+            assert await bank(other, t0 + 100.1) == 0  # the surplus was lost, not owed
+            assert await kme.stored_blocks() == await kme.pool_rows() == 20
+        finally:
+            await other.dispose()

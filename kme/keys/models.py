@@ -27,6 +27,9 @@ class Link(Base):
     # Kept in step with pool_block in the same transaction, so that Get status answers
     # stored_key_count without counting rows (issue 2: O(1) per request).
     stored_blocks: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Wall-clock time up to which the emulated link has produced its bits. Kept in the
+    # database so that several kme processes on one pool share one link's rate.
+    banked_at: Mapped[float | None] = mapped_column(Double, default=None)
 
     __table_args__ = (Index("uq_link_kme_pair", "local_kme_id", "remote_kme_id", unique=True),)
 

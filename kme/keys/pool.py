@@ -99,28 +99,67 @@ async def fill(session: AsyncSession, link_id: int, count: int, capacity: int) -
             select(Link.stored_blocks, Link.block_bits).where(Link.id == link_id).with_for_update()
         )
     ).one()
-    stored, block_bits = int(row.stored_blocks), int(row.block_bits)
-    added = min(count, max(0, capacity - stored))
-    block_bytes = block_bits // 8
-    remaining = added
+    return await _add_blocks(
+        session, link_id, min(count, max(0, capacity - row.stored_blocks)), row.block_bits
+    )
+
+
+async def bank(
+    session: AsyncSession, link_id: int, *, rate_bps: int, capacity: int, now: float
+) -> int:
+    """The emulated link's production since it last banked, up to `capacity`; returns
+    the blocks added. Bits made while the pool is full are lost, as on a real link."""
+    row = (
+        await session.execute(
+            select(Link.stored_blocks, Link.block_bits, Link.banked_at)
+            .where(Link.id == link_id)
+            .with_for_update()
+        )
+    ).one()
+    if row.banked_at is None or now < row.banked_at:
+        await _set_banked_at(session, link_id, now)
+        return 0
+    made = int(rate_bps * (now - row.banked_at) // row.block_bits)
+    if made <= 0:
+        return 0  # keep banked_at: the fraction of a block carries over
+    room = max(0, capacity - row.stored_blocks)
+    added = await _add_blocks(session, link_id, min(made, room), row.block_bits)
+    # Time for exactly the blocks made; with the pool full, the rest is lost.
+    banked_at = now if made > room else row.banked_at + made * row.block_bits / rate_bps
+    await _set_banked_at(session, link_id, banked_at)
+    return added
+
+
+async def _set_banked_at(session: AsyncSession, link_id: int, when: float) -> None:
+    await session.execute(
+        update(Link)
+        .where(Link.id == link_id)
+        .values(banked_at=when)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def _add_blocks(session: AsyncSession, link_id: int, count: int, block_bits: int) -> int:
+    """Insert `count` random blocks and raise the link's counter (row already locked)."""
+    remaining = count
     while remaining:
         chunk = min(remaining, FILL_CHUNK)
         await session.execute(
             insert(PoolBlock),
             [
-                {"link_id": link_id, "material": secrets.token_bytes(block_bytes)}
+                {"link_id": link_id, "material": secrets.token_bytes(block_bits // 8)}
                 for _ in range(chunk)
             ],
         )
         remaining -= chunk
-    if added:
+    if count:
         await session.execute(
             update(Link)
             .where(Link.id == link_id)
-            .values(stored_blocks=Link.stored_blocks + added)
+            .values(stored_blocks=Link.stored_blocks + count)
             .execution_options(synchronize_session=False)
         )
-    return added
+    return count
 
 
 async def reserve(

@@ -37,28 +37,23 @@ async def add_keys(database: Database, settings: Settings, link_id: int, count: 
 
 
 async def run_link(database: Database, settings: Settings, link_id: int, block_bits: int) -> None:
-    """Run the emulated link until cancelled."""
+    """Run the emulated link until cancelled.
+
+    Production is accounted in the link's row (pool.bank), so any number of kme
+    processes sharing one database together produce at the configured rate.
+    """
     rate = settings.link.rate_bps
     if rate <= 0:
         return
     capacity = pool.capacity_blocks(settings.keys.max_key_count, settings.keys.key_size, block_bits)
-    banked_bits = 0.0
-    last = time.monotonic()
     while True:
-        await asyncio.sleep(settings.link.tick_seconds)
-        now = time.monotonic()
-        banked_bits += rate * (now - last)
-        last = now
-        blocks = int(banked_bits // block_bits)
-        if not blocks:
-            continue
-        banked_bits -= blocks * block_bits
         try:
             async with database.session() as session:
-                await pool.fill(session, link_id, blocks, capacity)
+                await pool.bank(session, link_id, rate_bps=rate, capacity=capacity, now=time.time())
                 await session.commit()
         except Exception:
             log.exception("emulated link %s could not bank keys; retrying next tick", link_id)
+        await asyncio.sleep(settings.link.tick_seconds)
 
 
 async def sweep(database: Database) -> int:
