@@ -182,6 +182,11 @@ def cmd_sae_add(args: argparse.Namespace) -> None:
     fingerprint = args.fingerprint
     if args.cert:
         fingerprint = pki.file_sha256(args.cert)
+    if not args.no_cert and not args.cert:
+        try:
+            lab.check_lab_sae_id(args.sae_id)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
     async def work(database: Database) -> None:
         async with database.session() as session:
@@ -240,6 +245,9 @@ def cmd_sae_remove(args: argparse.Namespace) -> None:
     async def work(database: Database) -> bool:
         async with database.session() as session:
             removed = await saes.remove(session, args.sae_id)
+            if removed:
+                # Keys waiting for (or made by) it must not reach a later holder of the ID.
+                await pool.forget_sae(session, args.sae_id)
             await session.commit()
             return removed
 

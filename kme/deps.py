@@ -34,8 +34,10 @@ async def _session(request: Request) -> AsyncIterator[AsyncSession]:
             raise
         try:
             await session.commit()
-        except Exception as exc:  # whatever broke the commit, nothing was delivered
-            log.error("commit failed, nothing was delivered: %s", type(exc).__name__)
+        except Exception as exc:  # whatever broke the commit, no key leaves
+            # Rolled back, except in the rare case of a connection lost during COMMIT
+            # itself, where the database may have committed: then a slave's copy is spent.
+            log.error("commit failed (%s): answering 503 without keys", type(exc).__name__)
             await session.rollback()
             raise ServiceUnavailable(KEY_DATA_ACCESS_ERROR) from None
 

@@ -136,7 +136,7 @@ def init_lab(
     if config_path.exists() and not force:
         raise FileExistsError(f"{config_path} exists already (use --force to replace the lab)")
     for sae_id in sae_ids:
-        saes.validate_sae_id(sae_id)
+        check_lab_sae_id(sae_id)
     if len(set(sae_ids)) != len(sae_ids):
         raise ValueError("an SAE ID is given twice")
     certs = directory / "certs"
@@ -171,6 +171,16 @@ async def _populate(settings: Settings, sae_ids: list[str], fill: int) -> None:
             await supply.add_keys(database, settings, link_id, fill)
     finally:
         await database.dispose()
+
+
+def check_lab_sae_id(sae_id: str) -> None:
+    """An SAE ID the lab can issue a certificate for (its CN holds at most 64 characters)."""
+    saes.validate_sae_id(sae_id)
+    if len(sae_id) > pki.MAX_COMMON_NAME:
+        raise ValueError(
+            f"a lab certificate's CN holds at most {pki.MAX_COMMON_NAME} characters; "
+            f"register a longer SAE ID with --no-cert and a certificate mapped by SAN or fingerprint"
+        )
 
 
 def issue_sae_certificate(config_dir: Path, settings: Settings, sae_id: str) -> LabSAE | None:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = dt.timedelta(days=825)
+MAX_COMMON_NAME = 64  # RFC 5280 ub-common-name
 CA_VALIDITY = dt.timedelta(days=3650)
 
 

@@ -374,3 +374,43 @@ async def test_dec_keys_checks_syntax_then_authorisation_then_existence(kme: Run
     assert existence.json()["message"] == "one or more keys specified are not found on KME"
     final = await kme.client("SAE_B").get(DEC.format("SAE_A"), params={"key_ID": theirs})
     assert final.json() == got
+
+
+async def test_oversized_bodies_are_refused_without_change(kme: RunningKME) -> None:
+    """Items 15, 18: a body past the size limit is a 400 in the Error format (never 413)
+    and takes no key."""
+    before = await kme.stored_blocks()
+    padding = "x" * (70 * 1024)
+    response = await kme.client("SAE_A").post(
+        ENC.format("SAE_B"), content=f'{{"number": 1, "pad": "{padding}"}}'.encode()
+    )
+    assert response.status_code == 400
+    assert "exceeds" in response.json()["message"]
+    assert await kme.stored_blocks() == before
+
+
+async def test_removing_an_sae_destroys_what_it_could_still_fetch(kme: RunningKME) -> None:
+    """Issue 2 item 3: keys waiting for an SAE that is unregistered are destroyed, so an SAE
+    registered later under the same ID cannot take them; a multicast key stays for its other
+    slave."""
+    from kme.keys import pool
+
+    solo = (await kme.client("SAE_A").get(ENC.format("SAE_C"))).json()
+    shared = (
+        await kme.client("SAE_A").post(
+            ENC.format("SAE_B"), json={"additional_slave_SAE_IDs": ["SAE_C"]}
+        )
+    ).json()
+    await kme.unregister("SAE_C")
+    async with kme.database.session() as session:
+        assert await pool.forget_sae(session, "SAE_C") == 1
+        await session.commit()
+    await kme.register("SAE_C")
+    for container in (solo, shared):
+        late = await kme.client("SAE_C").get(
+            DEC.format("SAE_A"), params={"key_ID": key_ids(container)[0]}
+        )
+        assert late.status_code in (400, 401)
+    kept = await kme.client("SAE_B").get(DEC.format("SAE_A"), params={"key_ID": key_ids(shared)[0]})
+    assert kept.json() == shared
+    assert await kme.delivered_rows() == 0

@@ -879,3 +879,13 @@ async def test_served_openapi_matches_the_exported_document(
     reply = await kme.client("SAE_A").get("/openapi.json")
     assert reply.status_code == 200, reply.text
     assert reply.json() == exported_openapi
+
+
+def test_init_refuses_an_sae_id_too_long_for_a_certificate(tmp_path: Path) -> None:
+    """`kme init` checks every SAE ID before it writes anything: an ID longer than a
+    certificate CN may be (64 characters) is one sentence, exit 2, and no lab."""
+    result = run_kme("init", "lab", "--sae", "S" * 65, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "64 characters" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "lab").exists()

@@ -317,6 +317,50 @@ async def destroy(session: AsyncSession, key_ids: Sequence[str]) -> None:
     )
 
 
+async def forget_sae(session: AsyncSession, sae_id: str) -> int:
+    """Destroy what an unregistered SAE could still fetch: the keys it made as master, and
+    its copies as a slave (a multicast key stays for its other slaves). Returns how many
+    keys were destroyed."""
+    mastered = (
+        (
+            await session.execute(
+                select(DeliveredKey.key_id).where(DeliveredKey.master_sae_id == sae_id)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    awaited = (
+        (
+            await session.execute(
+                select(KeyRecipient.key_id).where(KeyRecipient.slave_sae_id == sae_id)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    await session.execute(
+        delete(KeyRecipient)
+        .where(KeyRecipient.slave_sae_id == sae_id)
+        .execution_options(synchronize_session=False)
+    )
+    still_wanted = set(
+        (
+            await session.execute(
+                select(KeyRecipient.key_id).where(
+                    KeyRecipient.key_id.in_(awaited), KeyRecipient.delivered_at.is_(None)
+                )
+            )
+        )
+        .scalars()
+        .all()
+    )
+    doomed = sorted(set(mastered) | (set(awaited) - still_wanted))
+    for start in range(0, len(doomed), PURGE_BATCH):
+        await destroy(session, doomed[start : start + PURGE_BATCH])
+    return len(doomed)
+
+
 PURGE_BATCH = 1000
 
 
