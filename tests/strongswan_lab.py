@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 CHARON = Path("/usr/lib/ipsec/charon")
+CHARON_SYSTEMD = Path("/usr/sbin/charon-systemd")  # writes no pid file: two can share /run
+OPENSSL_PLUGIN = Path("/usr/lib/ipsec/plugins/libstrongswan-openssl.so")  # x25519
 PLUGINS = (
     "random nonce aes sha1 sha2 hmac kdf gmp pem pkcs1 x509 pubkey constraints revocation "
     "openssl kernel-netlink socket-default vici"
@@ -30,18 +32,30 @@ PROPOSAL = "aes256-sha256-x25519"
 IKE_PSK = "classical-psk-for-the-kme-lab-0123456789"
 
 
-def unavailable_reason() -> str | None:
-    """Why real strongSwan daemons in namespaces cannot run here, or None if they can."""
+def unavailable_reason(mode: str = "netns") -> str | None:
+    """Why real strongSwan daemons cannot run here in `mode`, or None if they can.
+
+    netns: each charon in its own network namespace (the primary recipe).
+    loopback: two charon-systemd on 127.0.0.1 with their own IKE ports, for machines
+    where namespaces are not permitted.
+    """
     if os.geteuid() != 0:
-        return "needs root (network namespaces and charon)"
-    if not CHARON.exists():
-        return f"strongSwan is not installed ({CHARON} missing: apt-get install strongswan-charon strongswan-swanctl libstrongswan-standard-plugins)"
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        return "iproute2 and util-linux (ip, unshare) are needed"
+        return "needs root (charon binds IKE ports and drives XFRM)"
+    if not CHARON.exists() or not OPENSSL_PLUGIN.exists():
+        return (
+            f"strongSwan is not installed ({CHARON} or its openssl plugin is missing: apt-get "
+            "install strongswan-charon strongswan-swanctl libstrongswan-standard-plugins)"
+        )
     try:
         import vici  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         return "the vici package is missing"
+    if mode == "loopback":
+        if not CHARON_SYSTEMD.exists():
+            return f"{CHARON_SYSTEMD} is missing (apt-get install charon-systemd)"
+        return None
+    if shutil.which("ip") is None or shutil.which("unshare") is None:
+        return "iproute2 and util-linux (ip, unshare) are needed"
     probe = f"kmeprobe{os.getpid()}"
     made = subprocess.run(
         ["ip", "netns", "add", probe], capture_output=True, text=True, check=False
@@ -59,6 +73,7 @@ class Site:
     address: str
     ike_id: str
     root: Path
+    ike_port: int = 500
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,17 +93,31 @@ def _ip(*args: str) -> None:
 
 
 class StrongSwanLab:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, mode: str = "netns") -> None:
         tag = f"{os.getpid() % 100000}"
         self.root = root
-        self.sites = {
-            "a": Site("a", f"kme{tag}a", "10.123.0.1", "site-a.qkd.test", root / "a"),
-            "b": Site("b", f"kme{tag}b", "10.123.0.2", "site-b.qkd.test", root / "b"),
-        }
+        self.mode = mode
+        if mode == "netns":
+            self.sites = {
+                "a": Site("a", f"kme{tag}a", "10.123.0.1", "site-a.qkd.test", root / "a"),
+                "b": Site("b", f"kme{tag}b", "10.123.0.2", "site-b.qkd.test", root / "b"),
+            }
+        else:
+            base = 20000 + (os.getpid() % 2000) * 4
+            self.sites = {
+                "a": Site("a", "", "127.0.0.1", "site-a.qkd.test", root / "a", base),
+                "b": Site("b", "", "127.0.0.1", "site-b.qkd.test", root / "b", base + 2),
+            }
         self._veth = (f"kv{tag}a", f"kv{tag}b")
         self._up = False
 
     def up(self) -> None:
+        if self.mode == "netns":
+            self._namespaces()
+        for site in self.sites.values():
+            self.start(site.name)
+
+    def _namespaces(self) -> None:
         a, b = self.sites["a"], self.sites["b"]
         _ip("netns", "add", a.netns)
         self._up = True
@@ -100,16 +129,30 @@ class StrongSwanLab:
             _ip("-n", site.netns, "addr", "add", f"{site.address}/24", "dev", veth)
             _ip("-n", site.netns, "link", "set", "lo", "up")
             _ip("-n", site.netns, "link", "set", veth, "up")
-        for site in (a, b):
-            self.start(site.name)
+
+    def conn_ports(self, local: str, remote: str) -> dict[str, str]:
+        """The IKE ports a connection names (loopback mode only: both sites share 127.0.0.1)."""
+        if self.mode == "netns":
+            return {}
+        return {
+            "local_port": str(self.sites[local].ike_port),
+            "remote_port": str(self.sites[remote].ike_port),
+        }
 
     def _write_conf(self, site: Site) -> Path:
         site.root.mkdir(parents=True, exist_ok=True)
         conf = site.root / "strongswan.conf"
+        section = "charon" if self.mode == "netns" else "charon-systemd"
+        ports = (
+            ""
+            if self.mode == "netns"
+            else f"port = {site.ike_port}\n    port_nat_t = {site.ike_port + 1}\n    routing_table = 0\n"
+            "    journal {\n        default = -1\n    }\n    "
+        )
         conf.write_text(
-            f"""charon {{
+            f"""{section} {{
     load = {PLUGINS}
-    install_routes = no
+    {ports}install_routes = no
     plugins {{
         vici {{
             socket = unix://{site.vici_socket}
@@ -144,24 +187,28 @@ class StrongSwanLab:
         site = self.sites[name]
         conf = self._write_conf(site)
         site.vici_socket.unlink(missing_ok=True)
-        script = f"mount -t tmpfs tmpfs /run && exec env STRONGSWAN_CONF={conf} {CHARON}"
+        if self.mode == "netns":
+            script = f"mount -t tmpfs tmpfs /run && exec env STRONGSWAN_CONF={conf} {CHARON}"
+            command = [
+                "ip",
+                "netns",
+                "exec",
+                site.netns,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ]
+            environment = None
+        else:
+            command = [str(CHARON_SYSTEMD)]
+            environment = {**os.environ, "STRONGSWAN_CONF": str(conf)}
         with (site.root / "charon.stderr").open("ab") as stderr:
             site.process = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    site.netns,
-                    "unshare",
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "sh",
-                    "-c",
-                    script,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
+                command, stdout=subprocess.DEVNULL, stderr=stderr, env=environment
             )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
