@@ -8,6 +8,7 @@ SAs are childless (the PPK enters the IKE SA's keys; no kernel ESP is needed).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -128,6 +129,14 @@ class AdapterProcess:
             process.wait(timeout=5)
 
 
+def port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def free_port() -> int:
     import socket
 
@@ -168,7 +177,7 @@ class Sites:
         self.port = free_port()
         self.adapters: list[AdapterProcess] = []
 
-    def adapter(self, site: str, **overrides: Any) -> AdapterProcess:
+    def adapter(self, site: str, label: str | None = None, **overrides: Any) -> AdapterProcess:
         pki = self.kme.pki
         me, other = ("SAE_A", "SAE_B") if site == "a" else ("SAE_B", "SAE_A")
         remote = "b" if site == "a" else "a"
@@ -208,7 +217,7 @@ class Sites:
                 config["connections"][0].update(value)
             else:
                 config[key] = value
-        adapter = AdapterProcess(site, config, self.root)
+        adapter = AdapterProcess(label or site, config, self.root)
         self.adapters.append(adapter)
         return adapter
 
@@ -260,17 +269,33 @@ async def test_ppk_sa_comes_up_and_rotates_make_before_break(
     sites: Sites,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Issue 3 items 1 and 2: both daemons hold an ESTABLISHED IKE SA with `ppk: yes` whose
     PPK_ID is the key_ID the KME issued; a rotation brings up a new SA under a new key_ID
-    before the old one goes, retires the old PPK on both sides, and the KME's pool shows
-    exactly the keys consumed."""
+    before the old one goes, retires the old PPK on both sides, the KME's pool shows
+    exactly the keys consumed, and no key's material is in any log or file the adapters
+    or daemons wrote."""
+    from kme.keys import pool
+
+    materials: list[bytes] = []
+    reserve = pool.reserve
+
+    async def recording(*args: Any, **kwargs: Any) -> list[pool.Key]:
+        keys = await reserve(*args, **kwargs)
+        materials.extend(key.material for key in keys)
+        return keys
+
+    monkeypatch.setattr(pool, "reserve", recording)
     caplog.set_level(logging.INFO, logger="kme")
     kme = sites.kme
     before = await kme.stored_blocks()
     responder = sites.adapter("b")
     initiator = sites.adapter("a", connection={"rotate_seconds": 3})
     responder.start()
+    # The responder listens first, so no key is spent on a delivery that cannot happen
+    # (the pool's accounting below is exact).
+    await wait_for(lambda: port_open(sites.port), what="the responder's peer channel")
     initiator.start()
 
     await wait_for(lambda: both_up(lab), what="the first PPK-protected IKE SA")
@@ -311,6 +336,18 @@ async def test_ppk_sa_comes_up_and_rotates_make_before_break(
     assert await kme.delivered_rows() == 0  # every issued key reached the responder
     for text in (initiator.log(), responder.log()):
         assert "Traceback" not in text
+    assert len(materials) == len(issued)
+    written = [  # everything the adapters and daemons wrote (the KME's own database aside)
+        path
+        for root in (sites.root, lab.root)
+        for path in root.rglob("*")
+        if path.is_file() and not path.name.startswith("kme.db")
+    ]
+    for material in materials:
+        for path in written:
+            data = path.read_bytes()
+            for spelling in (material, base64.b64encode(material), material.hex().encode()):
+                assert spelling not in data, f"key material in {path}"
     timings = dict(ESTABLISHED.findall(initiator.log()))
     with capsys.disabled():
         print(
@@ -439,3 +476,26 @@ async def test_faults_are_retried_until_a_ppk_sa_is_up(
         assert len(issued_key_ids(caplog)) > key_ids_before  # a fresh key, not a reused one
     for text in (initiator.log(), responder.log()):
         assert "Traceback" not in text
+
+
+@ONE_MODE
+async def test_own_kme_faults_are_logged_and_retried(lab: StrongSwanLab, sites: Sites) -> None:
+    """Issue 3 item 1, faults: an adapter whose KME is unreachable, or refuses its
+    certificate (401), logs the reason, retries with back-off, and loads nothing."""
+    closed = free_port()
+    unreachable = sites.adapter("a", kme={"url": f"https://127.0.0.1:{closed}"})
+    stranger = sites.kme.pki.stranger
+    refused = sites.adapter(
+        "a",
+        label="a-unregistered",
+        name="site-a-unregistered",
+        kme={"certfile": str(stranger.cert), "keyfile": str(stranger.key)},
+    )
+    unreachable.start()
+    refused.start()
+    await wait_for(
+        lambda: unreachable.log().count("KME unreachable") >= 2, what="unreachable retries"
+    )
+    await wait_for(lambda: refused.log().count("KME answered 401") >= 2, what="401 retries")
+    assert lab.ike_sas("a") == []
+    assert not [key for key in lab.shared_ids("a") if key.startswith("kme-ppk-")]
