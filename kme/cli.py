@@ -90,15 +90,7 @@ def _print_quickstart(settings: Settings, config: Path, host: str, port: int) ->
         except ValueError:
             return str(path)
 
-    async def registered() -> list[str]:
-        database = Database(settings.database_url, pool_size=1)
-        try:
-            async with database.session() as session:
-                return [sae.sae_id for sae in await saes.list_all(session)]
-        finally:
-            await database.dispose()
-
-    local = [s for s in asyncio.run(registered()) if lab.sae_paths(certs, s).cert.is_file()]
+    local = [s for s in _registered_sae_ids(settings) if lab.sae_paths(certs, s).cert.is_file()]
     if set(lab.DEFAULT_SAES) <= set(local):
         local = list(lab.DEFAULT_SAES)
     shown = "localhost" if host in ("0.0.0.0", "::", "127.0.0.1") else host  # noqa: S104
@@ -176,6 +168,15 @@ def _run_db(settings: Settings, work: Callable[[Database], Any]) -> Any:
             await database.dispose()
 
     return asyncio.run(run())
+
+
+def _registered_sae_ids(settings: Settings) -> list[str]:
+    async def work(database: Database) -> list[str]:
+        async with database.session() as session:
+            return [sae.sae_id for sae in await saes.list_all(session)]
+
+    ids: list[str] = _run_db(settings, work)
+    return ids
 
 
 def cmd_sae_add(args: argparse.Namespace) -> None:
@@ -347,15 +348,7 @@ def cmd_ipsec_config(args: argparse.Namespace) -> None:
     certs = settings.server.ca_file.parent
     paths = lab.sae_paths(certs, args.sae)
 
-    async def known() -> set[str]:
-        database = Database(settings.database_url, pool_size=1)
-        try:
-            async with database.session() as session:
-                return {sae.sae_id for sae in await saes.list_all(session)}
-        finally:
-            await database.dispose()
-
-    registered = asyncio.run(known())
+    registered = set(_registered_sae_ids(settings))
     for sae_id in filter(None, (args.sae, args.peer_sae)):
         if sae_id not in registered:
             raise UsageError(f"{sae_id!r} is not a registered SAE (see `kme sae list`)")

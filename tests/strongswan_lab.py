@@ -66,6 +66,18 @@ def unavailable_reason(mode: str = "netns") -> str | None:
     return None
 
 
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, a bounded wait (charon takes 1 to 2 s), then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 @dataclass
 class Site:
     name: str  # "a" or "b"
@@ -229,14 +241,7 @@ class StrongSwanLab:
     def stop(self, name: str) -> None:
         site = self.sites[name]
         process, site.process = site.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process)
 
     def restart(self, name: str) -> None:
         self.stop(name)

@@ -12,7 +12,6 @@ import base64
 import json
 import logging
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,13 @@ from typing import Any
 import pytest
 
 from tests.kmetest import DatabaseTemplates, RunningKME, RunPKI, make_settings, running_kme
-from tests.strongswan_lab import IKE_PSK, PROPOSAL, StrongSwanLab, unavailable_reason
+from tests.strongswan_lab import (
+    IKE_PSK,
+    PROPOSAL,
+    StrongSwanLab,
+    stop_process,
+    unavailable_reason,
+)
 
 MODES = {mode: unavailable_reason(mode) for mode in ("netns", "loopback")}
 # Every scenario runs in namespaces where they are permitted, else on loopback; the main
@@ -119,14 +124,7 @@ class AdapterProcess:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_process(process)
 
 
 def port_open(port: int) -> bool:
