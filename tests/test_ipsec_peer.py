@@ -20,7 +20,10 @@ KEY_ID = "3f0c2b1e-8a4d-4c55-9a70-1f2e3d4c5b6a"
 
 @asynccontextmanager
 async def responder(
-    pki: kmetest.RunPKI, calls: list[tuple[str, str]], fail: str | None = None
+    pki: kmetest.RunPKI,
+    calls: list[tuple[str, str]],
+    fail: str | None = None,
+    not_ready: str | None = None,
 ) -> AsyncIterator[str]:
     """A peer channel served with SAE_B's certificate, accepting only SAE_A."""
 
@@ -32,10 +35,15 @@ async def responder(
     async def on_retire(connection: str, key_ids: list[str]) -> None:
         calls.extend((connection, f"retired {key_id}") for key_id in key_ids)
 
+    async def on_health(connection: str) -> None:
+        calls.append((connection, "health"))
+        if not_ready:
+            raise PeerError(not_ready, status=503)
+
     sae_b = pki.saes["SAE_B"]
     context = mutual_tls_server_context(sae_b.cert, sae_b.key, pki.ca_file, fields=("c", "k", "a"))
     server = mutual_tls_server(
-        responder_app("SAE_A", on_key, on_retire), context, host="127.0.0.1", port=0
+        responder_app("SAE_A", on_key, on_retire, on_health), context, host="127.0.0.1", port=0
     )
     task = asyncio.create_task(server.serve())
     for _ in range(500):
@@ -115,5 +123,27 @@ async def test_refusals_and_bad_requests_carry_their_reason(test_pki: kmetest.Ru
                 await client.deliver("qkd", KEY_ID)
             with pytest.raises(PeerError, match="400"):
                 await client.deliver("qkd", "not-a-uuid")
+        finally:
+            await client.aclose()
+
+
+async def test_health_reports_whether_the_responder_can_take_a_key(
+    test_pki: kmetest.RunPKI,
+) -> None:
+    """Issue 3 item 1, faults: before spending a key, the initiator asks the responder
+    whether its charon is ready for the connection; a not-ready answer carries the reason."""
+    calls: list[tuple[str, str]] = []
+    async with responder(test_pki, calls) as url:
+        client = client_for(test_pki, "SAE_A", url)
+        try:
+            await client.health("qkd")
+        finally:
+            await client.aclose()
+    assert calls == [("qkd", "health")]
+    async with responder(test_pki, [], not_ready="responder's charon is not ready") as url:
+        client = client_for(test_pki, "SAE_A", url)
+        try:
+            with pytest.raises(PeerError, match=r"not ready.*charon is not ready"):
+                await client.health("qkd")
         finally:
             await client.aclose()

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kme.ipsec.charon import Charon, CharonError, SecretsFile
+from kme.ipsec.charon import IKESA, PPK_ID, PSK_ID, Charon, CharonError, SecretsFile
 from kme.ipsec.config import AdapterSettings, ConnectionSettings
 from kme.ipsec.etsi import ETSIClient, KMEClientError, QKDKey, mutual_tls_context
 from kme.ipsec.peer import PeerClient, PeerError, responder_app
@@ -39,6 +39,7 @@ ADAPTER_ERRORS = (KMEClientError, PeerError, CharonError)
 class Established:
     key_id: str
     unique_id: str
+    spi: str
     at: float = field(default_factory=time.monotonic)
 
 
@@ -174,29 +175,56 @@ class Adapter:
             raise PeerError(f"responder's charon refused the PPK: {exc}", status=503) from None
         log.info("key_ID %s for %s: PPK loaded", key_id, connection_name)
 
+    async def ready(self, connection_name: str) -> None:
+        """Called by the peer channel before the peer spends a key: our charon has the
+        connection and the credentials (repaired now if it lost them)."""
+        if connection_name not in {c.name for c in self.settings.connections}:
+            raise PeerError(f"no connection {connection_name!r} here", status=404)
+        try:
+            await self._repair_responder()
+        except CharonError as exc:
+            raise PeerError(f"responder's charon is not ready: {exc}", status=503) from None
+
     async def retire_keys(self, connection_name: str, key_ids: list[str]) -> None:
         await self.ppks.remove(key_ids)
         self.retired.extend(key_ids)
         log.info("retired PPKs %s of %s", key_ids, connection_name)
 
     async def watch_responder(self) -> None:
-        """Reload connections and credentials into a charon that lost them (restart)."""
+        """Reload connections and credentials into a charon that lost them (a restart, or
+        `swanctl --load-creds`, which drops what was loaded over VICI)."""
         attempt = 0
         while True:
             try:
-                for connection in self.settings.connections:
-                    if not await self.charon.conn_loaded(connection.name):
-                        log.warning(
-                            "charon lost connection %s (restarted?): restoring", connection.name
-                        )
-                        await self.ppks.restore()
-                        await self.charon.load_conn(connection.name, self._conn(connection, None))
+                await self._repair_responder()
                 attempt = 0
                 await asyncio.sleep(self.settings.check_seconds)
             except CharonError as exc:
                 log.warning("charon check failed: %s; retrying", exc)
                 await self._backoff(attempt)
                 attempt += 1
+
+    async def _repair_responder(self) -> None:
+        lost = [
+            c.name for c in self.settings.connections if not await self.charon.conn_loaded(c.name)
+        ]
+        if self.ppks.file is None:
+            expected = {PSK_ID.format(name) for name in self.ppks.psks} | {
+                PPK_ID.format(key_id) for key_id in self.ppks.held
+            }
+            missing = expected - set(await self.charon.shared_ids())
+        else:
+            missing = set()
+        if not lost and not missing:
+            return
+        log.warning(
+            "charon lost %s (restarted, or credentials reloaded): restoring",
+            ", ".join([*(f"connection {n}" for n in lost), *sorted(missing)]),
+        )
+        await self.ppks.restore()
+        for connection in self.settings.connections:
+            if connection.name in lost:
+                await self.charon.load_conn(connection.name, self._conn(connection, None))
 
     # -- initiator ---------------------------------------------------------------------
 
@@ -232,18 +260,19 @@ class Adapter:
             key.key_id,
             (time.monotonic() - started) * 1000,
         )
-        return Established(key.key_id, new[0].unique_id)
+        return Established(key.key_id, new[0].unique_id, new[0].spi)
 
     async def _discard(self, peer: PeerClient, name: str, key_id: str) -> None:
         await self.ppks.remove([key_id])
         with contextlib.suppress(PeerError):
             await peer.retire(name, [key_id])
 
-    async def _still_up(self, name: str, current: Established) -> bool:
-        return any(
-            sa.unique_id == current.unique_id and sa.state == "ESTABLISHED"
-            for sa in await self.charon.ike_sas(name)
-        )
+    async def _find(self, name: str, established: Established) -> IKESA | None:
+        """The SA `established` names, if charon still has it up (same id *and* SPI)."""
+        for sa in await self.charon.ike_sas(name):
+            if (sa.unique_id, sa.spi) == (established.unique_id, established.spi):
+                return sa if sa.state == "ESTABLISHED" else None
+        return None
 
     async def run_connection(self, peer: PeerClient, connection: ConnectionSettings) -> None:
         name = connection.name
@@ -251,42 +280,79 @@ class Adapter:
         while True:
             current = self.established.get(name)
             try:
-                if current is not None:
+                up = current is not None and await self._find(name, current) is not None
+                if current is not None and up:
                     due = current.at + connection.rotate_seconds - time.monotonic()
-                    if await self._still_up(name, current) and due > 0:
+                    if due > 0:
                         attempt = 0
                         await asyncio.sleep(min(due, self.settings.check_seconds))
                         continue
-                    if due > 0:
-                        log.warning(
-                            "%s: IKE SA %s is gone; re-establishing", name, current.unique_id
-                        )
-                        await self.ppks.restore()
-                        await self.ppks.add_psk(connection)
-                else:
-                    await self.ppks.add_psk(connection)
+                elif current is not None:
+                    log.warning(
+                        "%s: IKE SA %s is gone (charon restarted, or the peer closed it); "
+                        "re-establishing",
+                        name,
+                        current.unique_id,
+                    )
+                    await self.ppks.restore()
+                # Nothing is spent while the peer adapter cannot take a key.
+                await peer.health(name)
+                # Every attempt: a charon that lost its credentials gets the PSK back.
+                await self.ppks.add_psk(connection)
                 fresh = await self.establish(peer, connection)
                 self.established[name] = fresh
                 attempt = 0
-                if current is not None:
-                    await self._close(peer, name, current)
+                if current is None:
+                    await self._sweep_leftovers(peer, name, fresh)
+                else:
+                    await self._close(peer, name, current, still_up=up)
             except ADAPTER_ERRORS as exc:
                 reason = getattr(exc, "reason", None) or str(exc)
                 log.error("%s: no new IKE SA (attempt %d): %s", name, attempt + 1, reason)
                 await self._backoff(attempt)
                 attempt += 1
 
-    async def _close(self, peer: PeerClient, name: str, old: Established) -> None:
-        """After a new SA is up: close the old one and retire its PPK on both sides."""
-        with contextlib.suppress(CharonError):
-            await self.charon.terminate(old.unique_id)
-        await self.ppks.remove([old.key_id])
-        self.retired.append(old.key_id)
+    async def _close(
+        self, peer: PeerClient, name: str, old: Established, *, still_up: bool
+    ) -> None:
+        """After a new SA is up: close the old one (if charon still has *that* SA) and
+        retire its PPK on both sides."""
+        if still_up and await self._find(name, old) is not None:
+            with contextlib.suppress(CharonError):
+                await self.charon.terminate(old.unique_id)
+            closed = f"IKE SA {old.unique_id} closed"
+        else:
+            closed = f"IKE SA {old.unique_id} was gone already"
+        await self._retire(peer, name, [old.key_id])
+        log.info("%s: rotated: %s, PPK %s retired", name, closed, old.key_id)
+
+    async def _retire(self, peer: PeerClient, name: str, key_ids: list[str]) -> None:
+        await self.ppks.remove(key_ids)
+        self.retired.extend(key_ids)
         try:
-            await peer.retire(name, [old.key_id])
+            await peer.retire(name, key_ids)
         except PeerError as exc:
-            log.warning("%s: peer could not retire PPK %s: %s", name, old.key_id, exc.reason)
-        log.info("%s: rotated: IKE SA %s closed, PPK %s retired", name, old.unique_id, old.key_id)
+            log.warning("%s: peer could not retire PPKs %s: %s", name, key_ids, exc.reason)
+
+    async def _sweep_leftovers(self, peer: PeerClient, name: str, fresh: Established) -> None:
+        """The first SA of this adapter process is up: close what an earlier run left
+        (its SAs of this connection, its PPKs here and at the peer)."""
+        for sa in await self.charon.ike_sas(name):
+            if (sa.unique_id, sa.spi) != (fresh.unique_id, fresh.spi):
+                with contextlib.suppress(CharonError):
+                    await self.charon.terminate(sa.unique_id)
+                log.info("%s: closed IKE SA %s left by an earlier run", name, sa.unique_id)
+        if self.ppks.file is not None:
+            return  # file mode: charon holds exactly the file this process writes
+        prefix = PPK_ID.format("")
+        leftovers = [
+            shared.removeprefix(prefix)
+            for shared in await self.charon.shared_ids()
+            if shared.startswith(prefix) and shared.removeprefix(prefix) not in self.ppks.held
+        ]
+        if leftovers:
+            await self._retire(peer, name, leftovers)
+            log.info("%s: retired PPKs %s left by an earlier run", name, leftovers)
 
 
 async def run(settings: AdapterSettings, *, started: asyncio.Event | None = None) -> None:
@@ -308,7 +374,9 @@ async def run(settings: AdapterSettings, *, started: asyncio.Event | None = None
                 settings.peer.ca_file,
                 fields=("listen.certfile", "listen.keyfile", "peer.ca_file"),
             )
-            app = responder_app(settings.peer.identity, adapter.take_key, adapter.retire_keys)
+            app = responder_app(
+                settings.peer.identity, adapter.take_key, adapter.retire_keys, adapter.ready
+            )
             server = mutual_tls_server(app, context, host=listen.host, port=listen.port)
             tasks.append(asyncio.create_task(server.serve(), name="peer-channel"))
             tasks.append(asyncio.create_task(adapter.watch_responder(), name="charon-watch"))

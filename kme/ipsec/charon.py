@@ -39,6 +39,7 @@ class CharonError(Exception):
 class IKESA:
     name: str
     unique_id: str
+    spi: str  # the initiator's SPI: unique ids restart at 1 when charon restarts
     state: str
     ppk: bool
 
@@ -127,6 +128,7 @@ class Charon:
                         IKESA(
                             name=_text(sa_name),
                             unique_id=_text(sa.get("uniqueid", b"")),
+                            spi=_text(sa.get("initiator-spi", b"")),
                             state=_text(sa.get("state", b"")),
                             ppk=_text(sa.get("ppk", b"no")) == "yes",
                         )
@@ -134,6 +136,11 @@ class Charon:
             return found
 
         return await self._run(run)
+
+    async def shared_ids(self) -> list[str]:
+        """The ids of every shared secret charon holds (PSKs and PPKs)."""
+        found = await self._run(lambda s: s.get_shared())
+        return [_text(key) for key in found.get("keys", [])]
 
     async def terminate(self, unique_id: str) -> None:
         def run(session: Any) -> None:

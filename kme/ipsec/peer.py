@@ -34,10 +34,18 @@ class PeerError(Exception):
 
 OnKey = Callable[[str, str], Awaitable[None]]
 OnRetire = Callable[[str, list[str]], Awaitable[None]]
+OnHealth = Callable[[str], Awaitable[None]]
 
 
-def responder_app(peer_identity: str, on_key: OnKey, on_retire: OnRetire) -> FastAPI:
-    """The responder's side: POST /v1/keys (fetch and load a PPK), POST /v1/retire."""
+async def _always_ready(connection: str) -> None:
+    return None
+
+
+def responder_app(
+    peer_identity: str, on_key: OnKey, on_retire: OnRetire, on_health: OnHealth = _always_ready
+) -> FastAPI:
+    """The responder's side: POST /v1/keys (fetch and load a PPK), POST /v1/retire, and
+    GET /v1/health?connection=NAME (ready to take a key for that connection?)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     def error(status: int, message: str) -> JSONResponse:
@@ -94,6 +102,10 @@ def responder_app(peer_identity: str, on_key: OnKey, on_retire: OnRetire) -> Fas
     async def health(request: Request) -> JSONResponse:
         if not caller_ok(request):
             return error(403, "only the configured peer adapter may ask")
+        try:
+            await on_health(request.query_params.get("connection", ""))
+        except PeerError as exc:
+            return error(exc.status, exc.reason)
         return JSONResponse({"ok": True})
 
     return app
@@ -118,6 +130,21 @@ class PeerClient:
 
     async def retire(self, connection: str, key_ids: list[str]) -> None:
         await self._post("/v1/retire", {"connection": connection, "key_IDs": key_ids})
+
+    async def health(self, connection: str) -> None:
+        """Is the right peer adapter there, with its charon ready for `connection`? Asked
+        before a key is spent on a delivery."""
+        try:
+            response = await self.http.get("/v1/health", params={"connection": connection})
+        except httpx.HTTPError as exc:
+            raise PeerError(f"peer adapter unreachable: {type(exc).__name__}: {exc}") from None
+        self._check_identity(response)
+        if response.status_code != 200:
+            try:
+                message = str(response.json().get("message", ""))
+            except ValueError:
+                message = ""
+            raise PeerError(f"peer adapter not ready ({response.status_code}): {message}")
 
     async def _post(self, path: str, body: dict[str, Any]) -> None:
         try:
