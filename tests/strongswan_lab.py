@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ from typing import Any
 CHARON = Path("/usr/lib/ipsec/charon")
 CHARON_SYSTEMD = Path("/usr/sbin/charon-systemd")  # writes no pid file: two can share /run
 OPENSSL_PLUGIN = Path("/usr/lib/ipsec/plugins/libstrongswan-openssl.so")  # x25519
+# Userspace ESP (libcharon-extra-plugins): CHILD_SAs on kernels without ESP; netns only,
+# since it brings up a TUN device and routes in the daemon's namespace.
+LIBIPSEC_PLUGIN = Path("/usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so")
 PLUGINS = (
     "random nonce aes sha1 sha2 hmac kdf gmp pem pkcs1 x509 pubkey constraints revocation "
     "openssl kernel-netlink socket-default vici"
@@ -86,6 +90,7 @@ class Site:
     ike_id: str
     root: Path
     ike_port: int = 500
+    inner: str = ""  # netns mode: an address on lo that tunnelled traffic goes to
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -111,8 +116,22 @@ class StrongSwanLab:
         self.mode = mode
         if mode == "netns":
             self.sites = {
-                "a": Site("a", f"kme{tag}a", "10.123.0.1", "site-a.qkd.test", root / "a"),
-                "b": Site("b", f"kme{tag}b", "10.123.0.2", "site-b.qkd.test", root / "b"),
+                "a": Site(
+                    "a",
+                    f"kme{tag}a",
+                    "10.123.0.1",
+                    "site-a.qkd.test",
+                    root / "a",
+                    inner="10.98.1.1",
+                ),
+                "b": Site(
+                    "b",
+                    f"kme{tag}b",
+                    "10.123.0.2",
+                    "site-b.qkd.test",
+                    root / "b",
+                    inner="10.98.2.1",
+                ),
             }
         else:
             base = 20000 + (os.getpid() % 2000) * 4
@@ -141,6 +160,43 @@ class StrongSwanLab:
             _ip("-n", site.netns, "addr", "add", f"{site.address}/24", "dev", veth)
             _ip("-n", site.netns, "link", "set", "lo", "up")
             _ip("-n", site.netns, "link", "set", veth, "up")
+            _ip("-n", site.netns, "addr", "add", f"{site.inner}/32", "dev", "lo")
+
+    @property
+    def supports_child_sas(self) -> bool:
+        """CHILD_SAs need ESP: userspace ESP (kernel-libipsec) in namespaces here."""
+        return self.mode == "netns" and LIBIPSEC_PLUGIN.exists()
+
+    def child_sas(self, name: str) -> list[tuple[str, str, str]]:
+        """(IKE SA unique id, CHILD_SA name, state) for every CHILD_SA of the daemon."""
+        with self.session(name) as session:
+            entries = list(session.list_sas())
+        return [
+            (sa["uniqueid"].decode(), child["name"].decode(), child["state"].decode())
+            for entry in entries
+            for sa in entry.values()
+            for child in sa.get("child-sas", {}).values()
+        ]
+
+    def send_through_tunnel(self, payload: bytes, timeout: float = 5.0) -> bytes:
+        """One UDP datagram from A's inner address to B's; what B received."""
+        a, b = self.sites["a"], self.sites["b"]
+        receive = (
+            "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            f"s.bind(('{b.inner}',9999));s.settimeout({timeout});"
+            "sys.stdout.buffer.write(s.recvfrom(2048)[0])"
+        )
+        receiver = subprocess.Popen(
+            ["ip", "netns", "exec", b.netns, sys.executable, "-c", receive], stdout=subprocess.PIPE
+        )
+        time.sleep(0.3)
+        send = (
+            "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+            f"s.bind(('{a.inner}',0));s.sendto({payload!r},('{b.inner}',9999))"
+        )
+        subprocess.run(["ip", "netns", "exec", a.netns, sys.executable, "-c", send], check=True)
+        out, _ = receiver.communicate(timeout=timeout + 5)
+        return out
 
     def conn_ports(self, local: str, remote: str) -> dict[str, str]:
         """The IKE ports a connection names (loopback mode only: both sites share 127.0.0.1)."""
@@ -161,9 +217,12 @@ class StrongSwanLab:
             else f"port = {site.ike_port}\n    port_nat_t = {site.ike_port + 1}\n    routing_table = 0\n"
             "    journal {\n        default = -1\n    }\n    "
         )
+        plugins = PLUGINS
+        if self.supports_child_sas:
+            plugins = plugins.replace("kernel-netlink", "kernel-libipsec kernel-netlink")
         conf.write_text(
             f"""{section} {{
-    load = {PLUGINS}
+    load = {plugins}
     {ports}install_routes = no
     plugins {{
         vici {{

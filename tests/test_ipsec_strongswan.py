@@ -548,3 +548,54 @@ async def test_own_kme_faults_are_logged_and_retried(lab: StrongSwanLab, sites: 
     assert not [key for key in lab.shared_ids("a") if key.startswith("kme-ppk-")]
     await sites.kme.register("SAE_A")
     await wait_for(lambda: both_up(lab), what="the SA once the KME accepts the SAE again")
+
+
+@pytest.mark.parametrize("lab", ["netns"], indirect=True)
+async def test_rotation_keeps_the_tunnel_up_make_before_break(
+    lab: StrongSwanLab, sites: Sites, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 3 item 1: with a CHILD_SA (userspace ESP), every new PPK-protected IKE SA
+    comes up with its own CHILD_SA before the old IKE SA and its CHILD_SA are closed, and
+    traffic crosses the tunnel after the rotation."""
+    if not lab.supports_child_sas:
+        pytest.skip("CHILD_SAs need kernel-libipsec (apt-get install libcharon-extra-plugins)")
+    caplog.set_level(logging.INFO, logger="kme")
+
+    def with_child(site: str) -> dict[str, Any]:
+        here, there = lab.sites[site], lab.sites["b" if site == "a" else "a"]
+        return {
+            **conn(lab, site, "b" if site == "a" else "a"),
+            "childless": "never",
+            "children": {
+                "net": {
+                    "local_ts": [f"{here.inner}/32"],
+                    "remote_ts": [f"{there.inner}/32"],
+                    "esp_proposals": ["aes256-sha256"],
+                    "start_action": "none",
+                }
+            },
+        }
+
+    responder = sites.adapter("b", connection={"conn": with_child("b")})
+    responder.start()
+    await wait_for(lambda: port_open(sites.port), what="the responder's peer channel")
+    initiator = sites.adapter("a", connection={"conn": with_child("a"), "rotate_seconds": 3})
+    initiator.start()
+
+    def one_sa_with_its_child() -> set[str] | None:
+        if not both_up(lab) or not all(len(lab.ike_sas(s)) == 1 for s in ("a", "b")):
+            return None
+        installed = {
+            ike for ike, name, state in lab.child_sas("a") if name == "net" and state == "INSTALLED"
+        }
+        return installed if installed == {ppk_sas(lab, "a")[0]["uniqueid"]} else None
+
+    first = await wait_for(one_sa_with_its_child, what="an IKE SA with its CHILD_SA")
+    assert lab.send_through_tunnel(b"before the rotation") == b"before the rotation"
+    await wait_for(
+        lambda: (now := one_sa_with_its_child()) is not None and now != first,
+        what="a rotated IKE SA with its own CHILD_SA",
+    )
+    assert len(issued_key_ids(caplog)) >= 2
+    assert lab.send_through_tunnel(b"after the rotation") == b"after the rotation"
+    assert "Traceback" not in initiator.log()

@@ -239,7 +239,11 @@ class Adapter:
             await self.ppks.add(self._material(key))
             await self.charon.load_conn(name, self._conn(connection, key.key_id))
             before = {sa.unique_id for sa in await self.charon.ike_sas(name)}
-            await self.charon.initiate(name, connection.initiate_timeout_ms)
+            children: list[str | None] = [*_children(connection)] or [None]
+            # The first child brings up the new IKE SA with it, so traffic has its tunnel
+            # before the old SA (and its children) go; the others join the new SA.
+            for child in children:
+                await self.charon.initiate(name, connection.initiate_timeout_ms, child)
             new = [
                 sa
                 for sa in await self.charon.ike_sas(name)
@@ -353,6 +357,13 @@ class Adapter:
         if leftovers:
             await self._retire(peer, name, leftovers)
             log.info("%s: retired PPKs %s left by an earlier run", name, leftovers)
+
+
+def _children(connection: ConnectionSettings) -> list[str]:
+    """The CHILD_SAs to start with each new IKE SA (none for childless = force)."""
+    if connection.conn.get("childless") == "force":
+        return []
+    return list(connection.conn.get("children") or {})
 
 
 async def run(settings: AdapterSettings, *, started: asyncio.Event | None = None) -> None:

@@ -102,12 +102,15 @@ class Charon:
         names = await self._run(lambda s: s.get_conns())
         return name in [_text(conn) for conn in names.get("conns", [])]
 
-    async def initiate(self, name: str, timeout_ms: int) -> list[str]:
-        """Bring up a new IKE SA of `name` (childless unless the conn has children)."""
+    async def initiate(self, name: str, timeout_ms: int, child: str | None = None) -> list[str]:
+        """Bring up `child` of `name`, or the IKE SA alone. A conn just reloaded with a new
+        ppk_id is a new config to charon, so this makes a new IKE SA, never reuses one."""
 
         def run(session: Any) -> list[str]:
             lines: list[str] = []
             request = {"ike": name, "timeout": str(timeout_ms), "loglevel": "1"}
+            if child is not None:
+                request["child"] = child
             try:
                 for event in session.initiate(request):
                     lines.append(_text(event.get("msg", b"")))
