@@ -128,13 +128,14 @@ class DatabaseTemplates:
             name = f"kme_tmpl_{os.getpid()}"
             conn = await asyncpg.connect(dsn)
             try:
+                await _drop_orphans(conn)
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 await conn.execute(f'CREATE DATABASE "{name}"')
             finally:
                 await conn.close()
             await asyncio.to_thread(migrate, _with_database(admin_url, name))
             self.pg_template = name
-        name = f"kme_t_{uuid.uuid4().hex[:12]}"
+        name = f"kme_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         conn = await asyncpg.connect(dsn)
         try:
             await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.pg_template}"')
@@ -167,6 +168,28 @@ class DatabaseTemplates:
                     await conn.close()
 
             asyncio.run(drop())
+
+
+async def _drop_orphans(conn: Any) -> None:
+    """Drop test databases left by runs that were killed (their process is gone)."""
+    rows = await conn.fetch(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'kme\\_tmpl\\_%' "
+        "OR datname LIKE 'kme\\_t\\_%'"
+    )
+    for row in rows:
+        owner = row["datname"].split("_")[2]
+        if owner.isdigit() and not _alive(int(owner)):
+            await conn.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _with_database(url: str, name: str) -> str:
