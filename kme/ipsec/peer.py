@@ -134,32 +134,28 @@ class PeerClient:
     async def health(self, connection: str) -> None:
         """Is the right peer adapter there, with its charon ready for `connection`? Asked
         before a key is spent on a delivery."""
-        try:
-            response = await self.http.get("/v1/health", params={"connection": connection})
-        except httpx.HTTPError as exc:
-            raise PeerError(f"peer adapter unreachable: {type(exc).__name__}: {exc}") from None
-        self._check_identity(response)
+        response = await self._call("GET", "/v1/health", params={"connection": connection})
         if response.status_code != 200:
-            try:
-                message = str(response.json().get("message", ""))
-            except ValueError:
-                message = ""
-            raise PeerError(f"peer adapter not ready ({response.status_code}): {message}")
+            raise PeerError(
+                f"peer adapter not ready ({response.status_code}): {_message(response)}",
+                response.status_code,
+            )
 
     async def _post(self, path: str, body: dict[str, Any]) -> None:
+        response = await self._call("POST", path, json=body)
+        if response.status_code != 200:
+            raise PeerError(
+                f"peer adapter answered {response.status_code}: {_message(response)}",
+                response.status_code,
+            )
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self.http.post(path, json=body)
+            response = await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise PeerError(f"peer adapter unreachable: {type(exc).__name__}: {exc}") from None
         self._check_identity(response)
-        if response.status_code != 200:
-            try:
-                message = str(response.json().get("message", ""))
-            except ValueError:
-                message = response.text[:200]
-            raise PeerError(
-                f"peer adapter answered {response.status_code}: {message}", response.status_code
-            )
+        return response
 
     def _check_identity(self, response: httpx.Response) -> None:
         ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
@@ -167,3 +163,10 @@ class PeerClient:
         name = parse_pem(ssl.DER_cert_to_PEM_cert(der)).common_name if der else None
         if name != self.identity:
             raise PeerError(f"peer adapter presented {name!r}, not {self.identity!r}")
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("message", ""))
+    except ValueError:
+        return response.text[:200]

@@ -188,6 +188,9 @@ async def reserve(
     if taken.first() is None:
         raise InsufficientKeys
 
+    # The counter UPDATE above holds the link row's lock until commit, so reservations on
+    # a link run one at a time; SKIP LOCKED is a second fence, and the length check below
+    # the real backstop.
     oldest = (
         select(PoolBlock.id)
         .where(PoolBlock.link_id == link.id)
