@@ -122,7 +122,13 @@ def build_server(app: FastAPI, server: ServerSettings, *, host: str, port: int) 
 
 
 def mutual_tls_server(
-    app: Any, context: ssl.SSLContext, *, host: str, port: int, access_log: bool = False
+    app: Any,
+    context: ssl.SSLContext,
+    *,
+    host: str,
+    port: int,
+    access_log: bool = False,
+    graceful_seconds: int | None = None,
 ) -> uvicorn.Server:
     """uvicorn serving `app` over `context`, with each request's peer certificate in scope."""
     config = uvicorn.Config(
@@ -138,5 +144,7 @@ def mutual_tls_server(
         access_log=access_log,
         log_config=None,
         ssl_context_factory=lambda _config, _default: context,
+        # None waits for idle keep-alive connections to close, which peers may never do.
+        timeout_graceful_shutdown=graceful_seconds,
     )
     return uvicorn.Server(config)

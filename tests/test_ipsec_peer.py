@@ -147,3 +147,12 @@ async def test_health_reports_whether_the_responder_can_take_a_key(
                 await client.health("qkd")
         finally:
             await client.aclose()
+
+
+def test_back_off_grows_to_its_cap_and_never_overflows() -> None:
+    """Issue 3 item 1, faults: retries back off exponentially up to retry_max, and keep
+    doing so after any number of failures (2.0**1024 would overflow)."""
+    from kme.ipsec.adapter import backoff_delay
+
+    assert [backoff_delay(n, 0.5, 30.0) for n in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert backoff_delay(10_000, 0.5, 30.0) == 30.0

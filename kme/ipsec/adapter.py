@@ -33,6 +33,7 @@ from kme.ipsec.peer import PeerClient, PeerError, responder_app
 log = logging.getLogger("kme.ipsec")
 
 ADAPTER_ERRORS = (KMEClientError, PeerError, CharonError)
+RESPONDER_KEEPS = 4
 
 
 @dataclass
@@ -67,12 +68,15 @@ class PPKStore:
     async def add_psk(self, connection: ConnectionSettings) -> None:
         if connection.psk is None:
             return
-        self.psks[connection.name] = (connection.psk, list(connection.psk_owners))
+        self.psks[connection.name] = (
+            connection.psk.get_secret_value(),
+            list(connection.psk_owners),
+        )
         if self.file:
             self.file.psks[connection.name] = self.psks[connection.name]
             await self.file.sync()
         else:
-            await self.charon.load_psk(connection.name, connection.psk, list(connection.psk_owners))
+            await self.charon.load_psk(connection.name, *self.psks[connection.name])
 
     async def add(self, key: QKDKey) -> None:
         self.held[key.key_id] = key.material
@@ -118,11 +122,21 @@ class Adapter:
         self.ppks = PPKStore(settings, self.charon)
         self.established: dict[str, Established] = {}
         self.retired: list[str] = []  # key_IDs retired so far (for operators and tests)
+        self.responder_keys: dict[str, list[str]] = {}  # per connection, oldest first
 
     # -- shared ------------------------------------------------------------------------
 
     def _conn(self, connection: ConnectionSettings, ppk_id: str | None) -> dict[str, Any]:
-        conn: dict[str, Any] = {**connection.conn, "ppk_required": "yes"}
+        # Unless the connection says otherwise: dead peer detection, so a peer that died
+        # without a DELETE (a killed charon) ends the SA and the adapter replaces it, and no
+        # IKE rekeying by charon: the adapter's rotation replaces the IKE SA with a fresh
+        # PPK anyway, and a rekeyed SA would look like a lost one.
+        conn: dict[str, Any] = {
+            "dpd_delay": "10s",
+            "rekey_time": "0",
+            **connection.conn,
+            "ppk_required": "yes",
+        }
         if ppk_id is not None:
             conn["ppk_id"] = ppk_id
         else:
@@ -136,8 +150,9 @@ class Adapter:
         return key
 
     async def _backoff(self, attempt: int) -> None:
-        delay = min(self.settings.retry_max, self.settings.retry_initial * 2**attempt)
-        await asyncio.sleep(delay)
+        await asyncio.sleep(
+            backoff_delay(attempt, self.settings.retry_initial, self.settings.retry_max)
+        )
 
     async def aclose(self) -> None:
         await self.kme.aclose()
@@ -174,6 +189,14 @@ class Adapter:
             log.error("key_ID %s for %s: charon refused the PPK: %s", key_id, connection_name, exc)
             raise PeerError(f"responder's charon refused the PPK: {exc}", status=503) from None
         log.info("key_ID %s for %s: PPK loaded", key_id, connection_name)
+        # An initiator that never retires (it died, a retire was lost) must not leave PPKs
+        # here for good: keep the newest few per connection (make-before-break needs two).
+        recent = self.responder_keys.setdefault(connection_name, [])
+        recent.append(key_id)
+        if len(recent) > RESPONDER_KEEPS:
+            stale, recent[:] = recent[:-RESPONDER_KEEPS], recent[-RESPONDER_KEEPS:]
+            await self.ppks.remove(stale)
+            log.info("%s: unloaded PPKs %s that were never retired", connection_name, stale)
 
     async def ready(self, connection_name: str) -> None:
         """Called by the peer channel before the peer spends a key: our charon has the
@@ -186,6 +209,8 @@ class Adapter:
             raise PeerError(f"responder's charon is not ready: {exc}", status=503) from None
 
     async def retire_keys(self, connection_name: str, key_ids: list[str]) -> None:
+        recent = self.responder_keys.get(connection_name, [])
+        recent[:] = [key_id for key_id in recent if key_id not in key_ids]
         await self.ppks.remove(key_ids)
         self.retired.extend(key_ids)
         log.info("retired PPKs %s of %s", key_ids, connection_name)
@@ -234,11 +259,12 @@ class Adapter:
         started = time.monotonic()
         (key,) = await self.kme.enc_keys(self.settings.peer.sae_id, size=self.settings.kme.key_size)
         log.info("%s: key_ID %s from the KME; handing it to the peer adapter", name, key.key_id)
+        before_ids: set[str] = {sa.unique_id for sa in await self.charon.ike_sas(name)}
         try:
             await peer.deliver(name, key.key_id)
             await self.ppks.add(self._material(key))
             await self.charon.load_conn(name, self._conn(connection, key.key_id))
-            before = {sa.unique_id for sa in await self.charon.ike_sas(name)}
+            before = before_ids
             children: list[str | None] = [*_children(connection)] or [None]
             # The first child brings up the new IKE SA with it, so traffic has its tunnel
             # before the old SA (and its children) go; the others join the new SA.
@@ -254,8 +280,14 @@ class Adapter:
             if not new[0].ppk:
                 await self.charon.terminate(new[0].unique_id)
                 raise CharonError(f"IKE SA of {name} came up without a PPK; closed it")
-        except ADAPTER_ERRORS:
+        except Exception:
             await self._discard(peer, name, key.key_id)
+            # An SA the failed attempt brought up (a child failed, initiate timed out
+            # while the exchange went on) must not outlive its retired PPK.
+            with contextlib.suppress(CharonError):
+                for sa in await self.charon.ike_sas(name):
+                    if sa.unique_id not in before_ids:
+                        await self.charon.terminate(sa.unique_id)
             raise
         log.info(
             "%s: IKE SA %s ESTABLISHED with PPK_ID %s in %.0f ms (key fetch to SA up)",
@@ -306,15 +338,47 @@ class Adapter:
                 fresh = await self.establish(peer, connection)
                 self.established[name] = fresh
                 attempt = 0
-                if current is None:
-                    await self._sweep_leftovers(peer, name, fresh)
-                else:
-                    await self._close(peer, name, current, still_up=up)
             except ADAPTER_ERRORS as exc:
                 reason = getattr(exc, "reason", None) or str(exc)
                 log.error("%s: no new IKE SA (attempt %d): %s", name, attempt + 1, reason)
                 await self._backoff(attempt)
                 attempt += 1
+                continue
+            except Exception as exc:  # keep the gateway's keys flowing whatever broke
+                log.error(
+                    "%s: no new IKE SA (attempt %d): unexpected %s: %s",
+                    name,
+                    attempt + 1,
+                    type(exc).__name__,
+                    exc,
+                )
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            try:
+                await self._after_success(peer, name, fresh, current, still_up=up)
+            except Exception as exc:  # the new SA is up; the next check cleans up the rest
+                log.warning("%s: cleaning up after the new SA failed: %s", name, exc)
+
+    async def _after_success(
+        self,
+        peer: PeerClient,
+        name: str,
+        fresh: Established,
+        current: Established | None,
+        *,
+        still_up: bool,
+    ) -> None:
+        if current is None:
+            await self._sweep_leftovers(peer, name, fresh)
+            return
+        await self._close(peer, name, current, still_up=still_up)
+        # Anything else of this connection (a rekeyed or orphaned SA) goes too.
+        for sa in await self.charon.ike_sas(name):
+            if (sa.unique_id, sa.spi) != (fresh.unique_id, fresh.spi):
+                with contextlib.suppress(CharonError):
+                    await self.charon.terminate(sa.unique_id)
+                log.info("%s: closed stray IKE SA %s", name, sa.unique_id)
 
     async def _close(
         self, peer: PeerClient, name: str, old: Established, *, still_up: bool
@@ -359,6 +423,12 @@ class Adapter:
             log.info("%s: retired PPKs %s left by an earlier run", name, leftovers)
 
 
+def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
+    """Exponential back-off; the exponent is capped, as 2.0**1024 overflows (after about
+    8.5 hours of failures at the default 30 s cap)."""
+    return min(maximum, initial * 2.0 ** min(attempt, 60))
+
+
 def _children(connection: ConnectionSettings) -> list[str]:
     """The CHILD_SAs to start with each new IKE SA (none for childless = force)."""
     if connection.conn.get("childless") == "force":
@@ -388,7 +458,9 @@ async def run(settings: AdapterSettings, *, started: asyncio.Event | None = None
             app = responder_app(
                 settings.peer.identity, adapter.take_key, adapter.retire_keys, adapter.ready
             )
-            server = mutual_tls_server(app, context, host=listen.host, port=listen.port)
+            server = mutual_tls_server(
+                app, context, host=listen.host, port=listen.port, graceful_seconds=2
+            )
             tasks.append(asyncio.create_task(server.serve(), name="peer-channel"))
             tasks.append(asyncio.create_task(adapter.watch_responder(), name="charon-watch"))
         else:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,6 +181,7 @@ class SecretsFile:
         self.vici_socket = vici_socket
         self.ppks: dict[str, bytes] = {}
         self.psks: dict[str, tuple[str, list[str]]] = {}
+        self._lock = asyncio.Lock()
 
     def render(self) -> str:
         lines = ["# written by kme ipsec strongswan (file mode): PPKs from the KME", "secrets {"]
@@ -197,42 +200,50 @@ class SecretsFile:
         return "\n".join(lines) + "\n"
 
     async def sync(self) -> None:
-        """Write the file and make charon load exactly these credentials."""
-        text = self.render()
+        """Write the file and have charon load the credentials of `swanctl_conf`, which
+        must be the gateway's main swanctl.conf with an `include` of this file: swanctl
+        unloads every shared secret its configuration does not name."""
+        async with self._lock:  # one sync at a time, each writing what is current
+            await asyncio.to_thread(self._write_and_load, self.render())
 
-        def write() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def _write_and_load(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp: a new file, mode 0600 from the start, never a stale or linked one.
+        fd, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
-            os.chmod(temporary, 0o600)
             os.replace(temporary, self.path)
-            result = subprocess.run(  # noqa: S603  (our own arguments, no shell)
-                [
-                    self.swanctl,
-                    "--load-creds",
-                    "--noprompt",
-                    "--clear",
-                    "--file",
-                    str(self.swanctl_conf),
-                    "--uri",
-                    f"unix://{self.vici_socket}",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            if result.returncode != 0:
-                tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
-                raise CharonError(f"swanctl --load-creds failed: {' '.join(tail)}")
-
-        await asyncio.to_thread(write)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        result = subprocess.run(  # noqa: S603  (our own arguments, no shell)
+            [
+                self.swanctl,
+                "--load-creds",
+                "--noprompt",
+                "--file",
+                str(self.swanctl_conf),
+                "--uri",
+                f"unix://{self.vici_socket}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
+            raise CharonError(f"swanctl --load-creds failed: {' '.join(tail)}")
 
 
 def _section(name: str) -> str:
-    return "".join(char if char.isalnum() or char in "-_" else "_" for char in name)
+    """A swanctl section name for `name`: readable, and distinct for distinct names."""
+    readable = "".join(char if char.isalnum() or char in "-_" else "_" for char in name)
+    if readable == name:
+        return name
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def _quoted(value: str) -> str:

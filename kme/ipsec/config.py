@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, ValidationError
 
 from kme.config import describe_validation_error
 from kme.errors import ConfigError
@@ -69,7 +69,7 @@ class ConnectionSettings(_Section):
     # The adapter adds ppk_id (initiator) and ppk_required = yes.
     conn: dict[str, Any]
     # The classical IKE credential (RFC 8784 mixes the PPK into it): a PSK and its owners.
-    psk: str | None = None
+    psk: SecretStr | None = None
     psk_owners: list[str] = []
     rotate_seconds: float = Field(default=3600.0, gt=0)
     initiate_timeout_ms: int = Field(default=10_000, ge=100)

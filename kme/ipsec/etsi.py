@@ -49,7 +49,12 @@ class ETSIClient:
         body = await self._call(
             "POST", f"/{quote(slave_sae_id, safe='')}/enc_keys", {"number": number, "size": size}
         )
-        return _keys(body)
+        keys = _keys(body)
+        if len(keys) != number or any(len(key.material) != size // 8 for key in keys):
+            raise KMEClientError(
+                f"the KME answered enc_keys with other than {number} keys of {size} bits"
+            )
+        return keys
 
     async def dec_keys(self, master_sae_id: str, key_ids: list[str]) -> list[QKDKey]:
         body = await self._call(
@@ -60,6 +65,8 @@ class ETSIClient:
         keys = _keys(body)
         if [key.key_id.lower() for key in keys] != [key_id.lower() for key_id in key_ids]:
             raise KMEClientError("the KME answered dec_keys with other key_IDs than asked")
+        if any(not key.material for key in keys):
+            raise KMEClientError("the KME answered dec_keys with an empty key")
         return keys
 
     async def _call(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
