@@ -433,6 +433,12 @@ async def test_file_mode_writes_private_secrets_and_brings_the_sa_up(
     key_id = re.search(r'id = "([0-9a-f-]{36})"', text)
     assert key_id is not None
     assert f"using PPK for PPK_ID '{key_id.group(1)}'" in lab.sites["b"].log()
+    # Credentials charon loses (someone else's reload) come back from the file.
+    with lab.session("b") as session:
+        session.unload_shared({"id": f"ppk-{key_id.group(1)}"})
+    await wait_for(
+        lambda: f"ppk-{key_id.group(1)}" in lab.shared_ids("b"), what="the file's PPK restored"
+    )
 
 
 @ONE_MODE

@@ -237,9 +237,9 @@ class Adapter:
             expected = {PSK_ID.format(name) for name in self.ppks.psks} | {
                 PPK_ID.format(key_id) for key_id in self.ppks.held
             }
-            missing = expected - set(await self.charon.shared_ids())
         else:
-            missing = set()
+            expected = self.ppks.file.expected_ids()
+        missing = expected - set(await self.charon.shared_ids())
         if not lost and not missing:
             return
         log.warning(

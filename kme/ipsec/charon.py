@@ -183,6 +183,12 @@ class SecretsFile:
         self.psks: dict[str, tuple[str, list[str]]] = {}
         self._lock = asyncio.Lock()
 
+    def expected_ids(self) -> set[str]:
+        """The ids charon reports (get-shared) for what this file holds."""
+        return {f"ike-kme-{_section(name)}" for name in self.psks} | {
+            f"ppk-{_section(key_id)}" for key_id in self.ppks
+        }
+
     def render(self) -> str:
         lines = ["# written by kme ipsec strongswan (file mode): PPKs from the KME", "secrets {"]
         for connection, (secret, owners) in sorted(self.psks.items()):
