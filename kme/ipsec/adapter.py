@@ -257,14 +257,14 @@ class Adapter:
         """One make-before-break step: a new PPK-protected IKE SA for `connection`."""
         name = connection.name
         started = time.monotonic()
+        # The SAs there before this attempt; read before a key is spent.
+        before: set[str] = {sa.unique_id for sa in await self.charon.ike_sas(name)}
         (key,) = await self.kme.enc_keys(self.settings.peer.sae_id, size=self.settings.kme.key_size)
         log.info("%s: key_ID %s from the KME; handing it to the peer adapter", name, key.key_id)
-        before_ids: set[str] = {sa.unique_id for sa in await self.charon.ike_sas(name)}
         try:
             await peer.deliver(name, key.key_id)
             await self.ppks.add(self._material(key))
             await self.charon.load_conn(name, self._conn(connection, key.key_id))
-            before = before_ids
             children: list[str | None] = [*_children(connection)] or [None]
             # The first child brings up the new IKE SA with it, so traffic has its tunnel
             # before the old SA (and its children) go; the others join the new SA.
@@ -286,7 +286,7 @@ class Adapter:
             # while the exchange went on) must not outlive its retired PPK.
             with contextlib.suppress(CharonError):
                 for sa in await self.charon.ike_sas(name):
-                    if sa.unique_id not in before_ids:
+                    if sa.unique_id not in before:
                         await self.charon.terminate(sa.unique_id)
             raise
         log.info(
