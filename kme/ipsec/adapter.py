@@ -121,7 +121,6 @@ class Adapter:
         self.charon = Charon(settings.charon.vici)
         self.ppks = PPKStore(settings, self.charon)
         self.established: dict[str, Established] = {}
-        self.retired: list[str] = []  # key_IDs retired so far (for operators and tests)
         self.responder_keys: dict[str, list[str]] = {}  # per connection, oldest first
 
     # -- shared ------------------------------------------------------------------------
@@ -212,7 +211,6 @@ class Adapter:
         recent = self.responder_keys.get(connection_name, [])
         recent[:] = [key_id for key_id in recent if key_id not in key_ids]
         await self.ppks.remove(key_ids)
-        self.retired.extend(key_ids)
         log.info("retired PPKs %s of %s", key_ids, connection_name)
 
     async def watch_responder(self) -> None:
@@ -396,7 +394,6 @@ class Adapter:
 
     async def _retire(self, peer: PeerClient, name: str, key_ids: list[str]) -> None:
         await self.ppks.remove(key_ids)
-        self.retired.extend(key_ids)
         try:
             await peer.retire(name, key_ids)
         except PeerError as exc:
@@ -436,7 +433,7 @@ def _children(connection: ConnectionSettings) -> list[str]:
     return list(connection.conn.get("children") or {})
 
 
-async def run(settings: AdapterSettings, *, started: asyncio.Event | None = None) -> None:
+async def run(settings: AdapterSettings) -> None:
     """Run the adapter until cancelled."""
     from kme.server import mutual_tls_server, mutual_tls_server_context
 
@@ -474,8 +471,6 @@ async def run(settings: AdapterSettings, *, started: asyncio.Event | None = None
             )
             for connection in settings.connections:
                 tasks.append(asyncio.create_task(adapter.run_connection(peer, connection)))
-        if started is not None:
-            started.set()
         await asyncio.gather(*tasks)
     finally:
         if server is not None:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -396,6 +396,4 @@ async def purge_expired(session: AsyncSession, now: float | None = None) -> int:
 
 async def undelivered_count(session: AsyncSession) -> int:
     """Deliveries still waiting for a slave (an operator's figure, not on a request path)."""
-    from sqlalchemy import func
-
     return int((await session.execute(select(func.count()).select_from(DeliveredKey))).scalar_one())
